@@ -1,0 +1,194 @@
+"""What every command shares: option decorators, the record loop, the error handler.
+
+An option is spelled the same in every command because it is declared once, here.
+"""
+
+import functools
+import logging
+import os
+import signal
+import sys
+
+import click
+
+from .. import config as config_mod
+from .. import records
+from ..errors import (EXIT_BROKEN_PIPE, EXIT_INTERNAL, EXIT_INTERRUPTED, EXIT_KO, EXIT_OK, EXIT_USAGE,
+                      KabinError)
+
+CONTEXT = {"help_option_names": ["-h", "--help"], "max_content_width": 100}
+_state = {"debug": False}
+
+
+# ---------------------------------------------------------------- option decorators
+
+def _compose(*decorators):
+    def apply(fn):
+        for decorator in reversed(decorators):
+            fn = decorator(fn)
+        return fn
+    return apply
+
+
+def _set_logging(ctx, param, value):
+    if param.name == "debug":
+        _state["debug"] = value
+    return value
+
+
+verbosity_options = _compose(
+    click.option("-v", "--verbose", count=True, help="More messages on stderr (-vv: debug)."),
+    click.option("-q", "--quiet", is_flag=True, help="Only errors on stderr, no progress."),
+    click.option("--debug", is_flag=True, is_eager=True, callback=_set_logging,
+                 help="Show the traceback of an unexpected error."),
+)
+
+config_option = click.option(
+    "--config", "config_dir", metavar="DIR", envvar="KABIN_CONFIG", show_envvar=True,
+    help="Configuration directory (default: $KABIN_CONFIG, /etc/kadeploy, the packaged sample).")
+
+input_options = _compose(
+    click.option("-m", "--machine", "nodesets", multiple=True, metavar="NODESET",
+                 help="Target nodes, e.g. node-[1-4,7] (repeatable)."),
+    click.option("-f", "--file", "node_files", multiple=True, metavar="FILE",
+                 help="Read nodes or records from FILE ('-' = stdin; repeatable)."),
+    click.option("--groups", "resolve_groups", is_flag=True,
+                 help="Resolve @group names through ClusterShell's groups."),
+)
+
+output_options = _compose(
+    click.option("--format", "fmt", type=click.Choice(["json", "table"]), default=None,
+                 help="Output format (default: table on a terminal, else JSON lines)."),
+    click.option("--ok", "ok_file", metavar="FILE", help="Also write the OK nodes to FILE."),
+    click.option("--ko", "ko_file", metavar="FILE", help="Also write the KO nodes to FILE."),
+)
+
+fanout_option = click.option("--fanout", type=click.IntRange(1), default=None,
+                             help="Nodes handled at once (default: the config's fanout).")
+
+timeout_option = click.option("-t", "--timeout", type=click.FloatRange(0, min_open=True),
+                              default=None, metavar="SECONDS", help="Per-node timeout.")
+
+
+def stream_options(fn):
+    """The options of a command that reads records and writes records."""
+    return _compose(input_options, output_options, config_option, verbosity_options)(fn)
+
+
+# ---------------------------------------------------------------- the record loop
+
+def load_config(opts):
+    return config_mod.load(opts.get("config_dir"))
+
+
+def read_input(opts, required=True):
+    """The input records, lazily, from -m / -f / stdin."""
+    return records.input_records(opts.get("nodesets", ()), opts.get("node_files", ()),
+                                 resolve_groups=opts.get("resolve_groups", False),
+                                 required=required)
+
+
+def writer_for(opts, columns=()):
+    fmt = opts.get("fmt") or ("table" if sys.stdout.isatty() else "json")
+    return records.RecordWriter(sys.stdout, fmt, opts.get("ok_file"), opts.get("ko_file"),
+                                columns)
+
+
+def emit(opts, output, columns=()):
+    """Write the records of ``output``; the exit code says whether all were OK."""
+    writer = writer_for(opts, columns)
+    try:
+        writer.write_all(output)
+    finally:
+        writer.close()
+    return EXIT_OK if writer.all_ok else EXIT_KO
+
+
+# ---------------------------------------------------------------- logging and errors
+
+class _Formatter(logging.Formatter):
+    def __init__(self, prog):
+        super().__init__()
+        self.prog = prog
+
+    def format(self, record):
+        level = "" if record.levelno == logging.INFO else f"{record.levelname.lower()}: "
+        text = f"{self.prog}: {level}{record.getMessage()}"
+        if record.exc_info and _state["debug"]:
+            text += "\n" + self.formatException(record.exc_info)
+        return text
+
+
+def setup_logging(prog, verbose=0, quiet=False):
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(_Formatter(prog))
+    root = logging.getLogger("kabin")
+    root.handlers[:] = [handler]
+    root.propagate = False
+    if quiet:
+        root.setLevel(logging.ERROR)
+    else:
+        root.setLevel(logging.DEBUG if verbose > 1 else logging.INFO if verbose else logging.WARNING)
+        # progress of long work is shown unless -q
+        logging.getLogger("kabin.progress").setLevel(logging.INFO)
+
+
+def command(fn):
+    """Set up logging from -v/-q and run the command body; its return value is the exit code."""
+    @functools.wraps(fn)
+    def wrapper(**opts):
+        prog = click.get_current_context().find_root().info_name
+        setup_logging(prog, opts.get("verbose", 0), opts.get("quiet", False))
+        return fn(**opts)
+    return wrapper
+
+
+def _error(prog, message, code):
+    sys.stderr.write(f"{prog}: error: {message}\n")
+    return code
+
+
+def _silence_stdout():
+    # stdout is gone: point it at /dev/null so Python's final flush does not complain
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    os.dup2(devnull, sys.stdout.fileno())
+
+
+def run(cli, prog, argv=None):
+    """Run a click command and turn every outcome into an exit code."""
+    try:
+        code = cli.main(args=argv, prog_name=prog, standalone_mode=False)
+        sys.stdout.flush()
+    except click.exceptions.Exit as exc:
+        code = exc.exit_code
+    except click.UsageError as exc:
+        hint = f" (see '{exc.ctx.command_path} --help')" if exc.ctx else ""
+        code = _error(prog, exc.format_message() + hint, EXIT_USAGE)
+    except click.ClickException as exc:
+        code = _error(prog, exc.format_message(), exc.exit_code)
+    except (click.Abort, KeyboardInterrupt):
+        code = _error(prog, "interrupted", EXIT_INTERRUPTED)
+    except BrokenPipeError:
+        _silence_stdout()
+        code = EXIT_BROKEN_PIPE
+    except KabinError as exc:
+        if _state["debug"]:
+            logging.getLogger("kabin").exception("traceback")
+        code = _error(prog, str(exc), exc.exit_code)
+    except Exception as exc:  # a bug: say so in one line unless --debug
+        if _state["debug"]:
+            raise
+        code = _error(prog, f"internal error: {type(exc).__name__}: {exc} (rerun with --debug)", EXIT_INTERNAL)
+    return code if isinstance(code, int) else EXIT_OK
+
+
+def entry_point(cli, prog):
+    """A console-script ``main`` for ``cli``."""
+    def main(argv=None):
+        signal.signal(signal.SIGTERM, _raise_interrupt)
+        sys.exit(run(cli, prog, argv))
+    return main
+
+
+def _raise_interrupt(signum, frame):
+    raise KeyboardInterrupt

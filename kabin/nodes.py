@@ -1,0 +1,78 @@
+"""Node sets: ClusterShell's NodeSet behind one small interface.
+
+Group resolution (``@group``) is off unless the caller asks for it, so a node
+list never depends on the groups configured on the machine that reads it.
+"""
+
+import re
+
+from ClusterShell.NodeSet import RESOLVER_NOGROUP, NodeSet, NodeSetException
+
+from .errors import UsageError
+
+# Names must be safe to appear anywhere (file names, shell templates, logs).
+_NODE_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
+_NODESET_CHARS = re.compile(r"^[A-Za-z0-9._\-\[\],@:&^!]+$")
+
+
+def check_name(name):
+    """Return ``name`` when it is a valid node name, else raise UsageError."""
+    if not isinstance(name, str) or not _NODE_NAME.match(name):
+        raise UsageError(f"invalid node name {name!r}: use letters, digits, '.', '_' and '-'")
+    return name
+
+
+def looks_like_nodeset(text):
+    """True when ``text`` is written with node set characters only."""
+    return bool(_NODESET_CHARS.match(text))
+
+
+def _nodeset(pattern, resolve_groups):
+    if not resolve_groups and "@" in pattern:
+        raise UsageError(f"invalid node set {pattern!r}: group resolution is off (use --groups)")
+    try:
+        if resolve_groups:
+            return NodeSet(pattern)
+        return NodeSet(pattern, resolver=RESOLVER_NOGROUP)
+    except NodeSetException as exc:
+        raise UsageError(f"invalid node set {pattern!r}: {exc}") from None
+
+
+def expand(pattern, resolve_groups=False):
+    """Expand a node set such as ``node-[1-4,7]`` into a list of node names."""
+    pattern = pattern.strip()
+    if not pattern or not looks_like_nodeset(pattern):
+        raise UsageError(f"invalid node set {pattern!r}")
+    names = list(_nodeset(pattern, resolve_groups))
+    for name in names:
+        check_name(name)
+    return names
+
+
+def expand_values(value, count, what):
+    """Expand a per-node value written once for ``count`` nodes.
+
+    A string is a node-set-like pattern (``127.0.1.[1-8]``) expanded in order;
+    a scalar is repeated; a list is taken as is. The length must match.
+    """
+    if value is None:
+        return [None] * count
+    if isinstance(value, str):
+        values = list(_nodeset(value, False)) if "[" in value else [value]
+    elif isinstance(value, list):
+        values = value
+    else:
+        values = [value]
+    if len(values) == 1 and count > 1 and not isinstance(value, list):
+        values = values * count
+    if len(values) != count:
+        raise UsageError(f"{what}: {len(values)} values for {count} nodes")
+    return values
+
+
+def fold(names):
+    """Fold node names into the shortest node set string (``n[1-3]``)."""
+    names = list(names)
+    if not names:
+        return ""
+    return str(NodeSet.fromlist(names, resolver=RESOLVER_NOGROUP))
