@@ -474,12 +474,9 @@ def _check_expression(expr, sec, key):
 # ---------------------------------------------------------------- clusters.yml and the whole
 
 def _bmc_defaults(sec):
-    secret = Secret(
-        file=_path(sec.file.parent, sec.get("password_file", str)) if "password_file" in sec.data
-        else None,
-        env=sec.get("password_env", str, None),
-    )
-    sec.used.add("password_file")
+    password_file = sec.get("password_file", str, None)
+    secret = Secret(file=_path(sec.file.parent, password_file) if password_file else None,
+                    env=sec.get("password_env", str, None))
     if not secret.file and not secret.env:
         raise sec.error("password_file", "a BMC password comes from password_file or password_env")
     defaults = {"user": sec.get("user", str, "admin"), "port": sec.get("port", int, 623),

@@ -13,8 +13,8 @@ import click
 
 from .. import config as config_mod
 from .. import records
-from ..errors import (EXIT_BROKEN_PIPE, EXIT_INTERNAL, EXIT_INTERRUPTED, EXIT_KO, EXIT_OK, EXIT_USAGE,
-                      KabinError)
+from ..errors import (EXIT_BROKEN_PIPE, EXIT_INTERNAL, EXIT_INTERRUPTED, EXIT_KO, EXIT_OK,
+                      EXIT_USAGE, Interrupted, KabinError)
 
 CONTEXT = {"help_option_names": ["-h", "--help"], "max_content_width": 100}
 _state = {"debug": False}
@@ -124,13 +124,12 @@ def setup_logging(prog, verbose=0, quiet=False):
     handler.setFormatter(_Formatter(prog))
     root = logging.getLogger("kabin")
     root.handlers[:] = [handler]
-    root.propagate = False
     if quiet:
         root.setLevel(logging.ERROR)
     else:
         root.setLevel(logging.DEBUG if verbose > 1 else logging.INFO if verbose else logging.WARNING)
-        # progress of long work is shown unless -q
-        logging.getLogger("kabin.progress").setLevel(logging.INFO)
+    # progress of long work is shown unless -q
+    logging.getLogger("kabin.progress").setLevel(logging.ERROR if quiet else logging.INFO)
 
 
 def command(fn):
@@ -139,7 +138,10 @@ def command(fn):
     def wrapper(**opts):
         prog = click.get_current_context().find_root().info_name
         setup_logging(prog, opts.get("verbose", 0), opts.get("quiet", False))
-        return fn(**opts)
+        try:
+            return fn(**opts)
+        except KeyboardInterrupt:  # Ctrl-C or SIGTERM: one line, exit 130
+            raise Interrupted("interrupted") from None
     return wrapper
 
 
