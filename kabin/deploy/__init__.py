@@ -1,0 +1,1 @@
+"""The kadeploy driver: three macro-steps, variants with timeouts and retries, replay."""
