@@ -17,6 +17,7 @@ import yaml
 
 from . import nodes, paths
 from .errors import ConfigError, UsageError
+from .schema import Section as _Section
 
 SYSTEM_DIR = Path("/etc/kadeploy")
 MACRO_STEPS = {
@@ -29,63 +30,6 @@ IPMI_ACTIONS = ("on", "off", "cycle", "reset", "off_on", "status")
 PXE_METHODS = ("pxelinux", "ipxe", "grub")
 PXE_NAMING = ("ip_hex", "ip", "mac", "hostname", "hostname_short")
 HOST_KEY_POLICIES = ("ignore", "known_hosts")
-
-
-class _Section:
-    """A mapping read from one file, tracking the keys used so unknown ones are reported."""
-
-    def __init__(self, data, file, prefix=""):
-        self.file, self.prefix = file, prefix
-        if data is None:
-            data = {}
-        if not isinstance(data, dict):
-            raise ConfigError("expected a mapping", file, prefix.rstrip(".") or None)
-        self.data, self.used = data, set()
-
-    def key(self, name):
-        return f"{self.prefix}{name}"
-
-    def error(self, name, message):
-        return ConfigError(message, self.file, self.key(name))
-
-    def get(self, name, kind, default=..., choices=None):
-        self.used.add(name)
-        if name not in self.data or self.data[name] is None:
-            if default is ...:
-                raise self.error(name, f"is required ({_describe(kind)})")
-            return default
-        value = self.data[name]
-        if kind is float and isinstance(value, int) and not isinstance(value, bool):
-            value = float(value)
-        if not isinstance(value, kind) or (kind is int and isinstance(value, bool)):
-            raise self.error(name, f"expected {_describe(kind)}, got {value!r}")
-        if choices and value not in choices:
-            raise self.error(name, f"expected one of {', '.join(map(str, choices))}, got {value!r}")
-        return value
-
-    def section(self, name, required=False):
-        self.used.add(name)
-        if required and name not in self.data:
-            raise self.error(name, "is required (a mapping)")
-        return _Section(self.data.get(name), self.file, self.key(name) + ".")
-
-    def items(self, name, required=False):
-        """Sub-sections of a list of mappings."""
-        value = self.get(name, list, ... if required else [])
-        return [_Section(v, self.file, f"{self.key(name)}[{i}].") for i, v in enumerate(value)]
-
-    def done(self):
-        for name in self.data:
-            if name not in self.used:
-                raise self.error(name, "unknown key")
-
-
-def _describe(kind):
-    names = {str: "a string", int: "an integer", float: "a number", bool: "true or false",
-             list: "a list", dict: "a mapping"}
-    if isinstance(kind, tuple):
-        return " or ".join(names.get(k, k.__name__) for k in kind)
-    return names.get(kind, kind.__name__)
 
 
 # ---------------------------------------------------------------- server.yml
