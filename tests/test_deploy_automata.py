@@ -25,6 +25,15 @@ def macros(*stages):
     return [list(stage) for stage in stages]
 
 
+def micro(record):
+    return [h for h in record["history"] if "variant" not in h]
+
+
+def macro(record):
+    return [(h["step"], h["variant"], h["status"], h["retries"]) for h in record["history"]
+            if "variant" in h]
+
+
 def deploy(engine, nodes):
     return {r["node"]: r for r in engine.run(map(records.new, nodes))}
 
@@ -34,7 +43,8 @@ def test_all_ok_go_through_every_macro_step():
                            [Variant("Boot", "B", 5, 0, [step("boot")])]))
     out = deploy(engine, ["n1", "n2", "n3"])
     assert all(r["status"] == "ok" for r in out.values())
-    assert [h["step"] for h in out["n1"]["history"]] == ["pxe", "reboot", "boot"]
+    assert [h["step"] for h in micro(out["n1"])] == ["pxe", "reboot", "boot"]
+    assert macro(out["n1"]) == [("Set", "A", "ok", 0), ("Boot", "B", "ok", 0)]
     assert out["n1"]["variant"] == {"Set": "A", "Boot": "B"}
 
 
@@ -57,7 +67,8 @@ def test_failed_nodes_are_replayed_then_fall_to_the_next_variant():
     assert attempts[("n3", "A")] == 2 and attempts[("n3", "B")] == 1
     assert out["n3"]["variant"] == {"Set": "B"}
     assert out["n3"]["retries"] == 2
-    assert [h["status"] for h in out["n3"]["history"]] == ["ko", "ko", "ok"]
+    assert [h["status"] for h in micro(out["n3"])] == ["ko", "ko", "ok"]
+    assert macro(out["n3"]) == [("Set", "A", "ko", 0), ("Set", "A", "ko", 1), ("Set", "B", "ok", 0)]
 
 
 def test_no_variant_left_ends_ko_with_the_last_reason():
@@ -74,7 +85,7 @@ def test_timeout_makes_the_nodes_inside_ko_and_falls_back():
                             Variant("Boot", "Hard", 5, 0, [step("wait")])]))
     out = deploy(engine, ["n1", "n2"])
     assert out["n2"]["status"] == "ok" and out["n2"]["variant"] == {"Boot": "Hard"}
-    timeout = [h for h in out["n2"]["history"] if h["status"] == "ko"]
+    timeout = [h for h in micro(out["n2"]) if h["status"] == "ko"]
     assert timeout[0]["error"] == "Timeout in the Boot-Slow step"
 
 
@@ -91,7 +102,7 @@ def test_breakpoint_stops_after_the_named_micro_step():
                     breakpoint=("Set", "pxe"))
     out = deploy(engine, ["n1"])
     assert out["n1"]["status"] == "ok" and out["n1"]["breakpoint"] == "Set:pxe"
-    assert [h["step"] for h in out["n1"]["history"]] == ["pxe"]
+    assert [h["step"] for h in micro(out["n1"])] == ["pxe"]
 
 
 def test_abort_ends_every_node_inside():

@@ -20,14 +20,20 @@ from ..parallel import Deadline
 
 log = logging.getLogger(__name__)
 progress = logging.getLogger("kabin.progress")
+ABORTED = "Aborted"
 
 
 @dataclass
 class MicroStep:
-    """``run(stream, ctx)`` consumes OK records and yields records (OK or KO)."""
+    """``run(stream, ctx)`` consumes OK records and yields records (OK or KO).
+
+    ``shell`` is the equivalent ka-* command line (for ``--print-pipeline``);
+    None when the step does nothing with these options.
+    """
 
     name: str
     run: object
+    shell: str | None = None
 
 
 @dataclass
@@ -95,9 +101,10 @@ class Engine:
     # ------------------------------------------------------------ routing
 
     def _start(self, stage, index, attempt, batch):
-        if stage == len(self.macros):
+        if stage == len(self.macros) or self.stop.is_set():
             for record in batch:
-                self._finish(record)
+                self._finish(record if stage == len(self.macros)
+                             else records.ko(record, "abort", ABORTED))
             return
         variant = self.macros[stage][index]
         with self._lock:
@@ -160,7 +167,7 @@ class Engine:
         ctx.stop.set()  # late micro-steps stop early; their results are no longer read
         with self._lock:
             self._running.discard(done)
-        passed, failed = self._settle(variant, batch, dict(results), start=ctx.deadline)
+        passed, failed = self._settle(variant, attempt, batch, dict(results), start=ctx.deadline)
         self._route(stage, index, attempt, passed, failed)
 
     def _stream(self, variant, batch, ctx):
@@ -173,15 +180,15 @@ class Engine:
             stream = _breakpoint(stream, variant.macro)
         return stream
 
-    def _settle(self, variant, batch, results, start):
+    def _settle(self, variant, attempt, batch, results, start):
         passed, failed = [], []
         elapsed = start.seconds - start.remaining()
         for record in batch:
             out = results.get(record["node"])
             if out is None:
-                why = "Aborted" if self.stop.is_set() else f"Timeout in the {variant.label} step"
+                why = ABORTED if self.stop.is_set() else f"Timeout in the {variant.label} step"
                 out = records.ko(record, variant.label, why, elapsed)
-            out = dict(out, variant={**record.get("variant", {}), variant.macro: variant.type})
+            out = _summarize(out, variant, attempt, elapsed)
             if out.get("breakpoint"):
                 self._finish(out)
             elif records.is_ok(out):
@@ -197,6 +204,16 @@ def _until_stopped(stream, ctx):
         yield record
         if ctx.stop.is_set():
             return
+
+
+def _summarize(record, variant, attempt, elapsed):
+    """One history entry for the macro-step as a whole (what ka-stats keeps per step)."""
+    entry = {"step": variant.macro, "variant": variant.type, "status": record["status"],
+             "time": round(elapsed, 3), "retries": attempt, "timeout": variant.timeout}
+    if record.get("error"):
+        entry["error"] = record["error"]
+    return dict(record, history=record.get("history", []) + [entry],
+                variant={**record.get("variant", {}), variant.macro: variant.type})
 
 
 def _breakpoint(stream, where):
