@@ -39,7 +39,8 @@ def _option(param):
 
 
 def _params(command):
-    return "".join(_option(p) for p in command.params if isinstance(p, click.Option) and not p.hidden)
+    params = command.params + [command.get_help_option(click.Context(command, **command.context_settings))]
+    return "".join(_option(p) for p in params if isinstance(p, click.Option) and not p.hidden)
 
 
 def options_section(prog):
@@ -71,6 +72,10 @@ def main(argv=None):
     stale = []
     for prog in PROGRAMS:
         path = page_path(prog)
+        if not path.exists():
+            print(f"missing: {path.name}", file=sys.stderr)
+            stale.append(path.name)
+            continue
         text = path.read_text()
         new = updated(text, prog)
         if new != text:
@@ -79,8 +84,7 @@ def main(argv=None):
                 path.write_text(new)
     if stale and "--write" not in argv:
         print("out of date: " + ", ".join(stale), file=sys.stderr)
-        return 1
-    return 0
+    return 1 if stale and "--write" not in argv else 0
 
 
 if __name__ == "__main__":
