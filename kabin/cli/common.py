@@ -142,7 +142,13 @@ def command(fn):
             return fn(**opts)
         except KeyboardInterrupt:  # Ctrl-C or SIGTERM: one line, exit 130
             raise Interrupted("interrupted") from None
+        except BrokenPipeError:  # the reader went away: not an error worth a word
+            raise _StdoutClosed() from None
     return wrapper
+
+
+class _StdoutClosed(Exception):
+    """Raised instead of BrokenPipeError, which click would turn into exit 1."""
 
 
 def _error(prog, message, code):
@@ -170,7 +176,7 @@ def run(cli, prog, argv=None):
         code = _error(prog, exc.format_message(), exc.exit_code)
     except (click.Abort, KeyboardInterrupt):
         code = _error(prog, "interrupted", EXIT_INTERRUPTED)
-    except BrokenPipeError:
+    except (BrokenPipeError, _StdoutClosed):
         _silence_stdout()
         code = EXIT_BROKEN_PIPE
     except KabinError as exc:
