@@ -32,7 +32,9 @@ def _escape(text):
 
 
 def _option(param):
-    names = ", ".join(f"\\fB{_escape(n)}\\fR" for n in param.opts + param.secondary_opts)
+    # short options first, in a fixed order (click keeps the help option's names in a set)
+    ordered = sorted(param.opts + param.secondary_opts, key=lambda n: (n.startswith("--"), n))
+    names = ", ".join(f"\\fB{_escape(n)}\\fR" for n in ordered)
     metavar = "" if param.is_flag or param.count else f" \\fI{_escape(param.make_metavar(click.Context(click.Command('x'))))}\\fR"
     help_text = " ".join((param.help or "").split())
     return f".TP\n{names}{metavar}\n{_escape(help_text)}\n"
@@ -49,7 +51,9 @@ def options_section(prog):
     text = ".SH OPTIONS\n" + _params(command)
     if isinstance(command, click.Group):
         for name, sub in sorted(command.commands.items()):
-            text += f".SS {prog} {name}\n{_escape(sub.get_short_help_str(200))}\n{_params(sub)}"
+            summary = (sub.help or "").split("\n\n", 1)[0]
+            text += f".SS {_escape(prog)} {_escape(name)}\n{_escape(' '.join(summary.split()))}\n"
+            text += _params(sub)
     return text
 
 
