@@ -8,9 +8,10 @@ every run is stored in the deployment log.
 """
 
 import logging
-import shlex
 import queue
+import shlex
 import threading
+import time
 from dataclasses import dataclass, field
 
 from .. import chaincast, db, envs, records, stats
@@ -85,6 +86,7 @@ class Deployment:
         self.stop = stop or threading.Event()
         self.user = user or envs.current_user()
         self.id = stats.new_deployment_id()
+        self.started = time.time()
         self.env = self._environment()
         self.image = self._image()
         self._engines = []
@@ -162,8 +164,10 @@ class Deployment:
             raise Interrupted("interrupted: unfinished nodes are marked aborted")
 
     def _annotate(self, record):
+        """The fields the deployment log keeps (ka-stats record reads the same)."""
         return dict(record, deployment=self.id, operation=OPERATION, env=self.env.spec,
-                    user=self.user)
+                    user=self.user, start=round(self.started, 3),
+                    duration=round(time.time() - self.started, 3))
 
     def _admit(self, database, batch):
         """Nodes known to the config and not held by another live run; the others KO."""
