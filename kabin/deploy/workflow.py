@@ -221,13 +221,10 @@ class Deployment:
             yield self._annotate(record)
 
     def _log(self, database, finals, aborted):
-        """Node states and the deployment log for every record of this run."""
-        aborted_nodes = {r["node"] for r in aborted}
-        stats.mark_final(database, [r for r in finals if r["node"] not in aborted_nodes],
-                         OPERATION, self.id, self.user, self.env.spec)
-        if aborted_nodes:
-            stats.mark_aborted(database, sorted(aborted_nodes), self.id)
+        """The deployment log and the final node states (deployed, deploy_failed, aborted)."""
         stats.store(database, finals)
+        if aborted:
+            stats.mark_aborted(database, sorted(r["node"] for r in aborted), self.id)
 
     # ------------------------------------------------------------ what would run
 
