@@ -168,6 +168,8 @@ class Engine:
         with self._lock:
             self._running.discard(done)
         passed, failed = self._settle(variant, attempt, batch, dict(results), start=ctx.deadline)
+        progress.info("%s: %d ok, %d ko%s", variant.label, len(passed), len(failed),
+                      _what_next(variant, attempt, failed, self.macros[stage], index))
         self._route(stage, index, attempt, passed, failed)
 
     def _stream(self, variant, batch, ctx):
@@ -196,6 +198,17 @@ class Engine:
             else:
                 failed.append(out)
         return passed, failed
+
+
+def _what_next(variant, attempt, failed, variants, index):
+    """How the progress line tells what becomes of the KO nodes."""
+    if not failed:
+        return ""
+    if attempt < variant.retries:
+        return f" (replayed: retry {attempt + 1}/{variant.retries})"
+    if index + 1 < len(variants):
+        return f" (falling to {variants[index + 1].type})"
+    return " (no variant left)"
 
 
 def _until_stopped(stream, ctx):

@@ -160,6 +160,7 @@ class Deployment:
                 yield record
             aborted = [r for r in finals if r.get("error") == ABORTED]
             self._log(database, finals, aborted if self.stop.is_set() else [])
+            self._summary(finals)
         if self.stop.is_set():
             raise Interrupted("interrupted: unfinished nodes are marked aborted")
 
@@ -219,6 +220,14 @@ class Deployment:
                 return
             count -= 1
             yield self._annotate(record)
+
+    def _summary(self, finals):
+        ko = [r for r in finals if not records.is_ok(r)]
+        progress.info("deployment %s: %d/%d node(s) deployed in %.1f s", self.id,
+                      len(finals) - len(ko), len(finals), time.time() - self.started)
+        for record in ko:
+            progress.info("  KO %s: %s (%s)", record["node"], record.get("error"),
+                          record.get("step"))
 
     def _log(self, database, finals, aborted):
         """The deployment log and the final node states (deployed, deploy_failed, aborted)."""
