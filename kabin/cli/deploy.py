@@ -95,7 +95,7 @@ def cli(**opts):
         return EXIT_OK
     if opts["dry_run"]:
         return common.emit(opts, deployment.dry_run(items))
-    code = common.emit(opts, deployment.run(items), columns=("variant",))
+    code = common.emit(opts, deployment.run(items), columns=("duration", "variant"))
     return code if code == EXIT_OK else EXIT_KO
 
 
