@@ -1,17 +1,95 @@
-"""ka-exec: parallel execution (not implemented yet, issue #4)."""
+"""ka-exec: run a command, a script or file sends on every OK node, in parallel."""
+
+import sys
 
 import click
 
-from ..errors import NotImplementedYet
+from .. import exec as exec_mod
+from .. import records
+from ..errors import EXIT_KO, EXIT_OK, UsageError
 from . import common
 
 
-@click.command(context_settings=common.CONTEXT)
-@common.verbosity_options
+@click.command(context_settings={**common.CONTEXT, "allow_interspersed_args": False})
+@click.argument("command", nargs=-1, metavar="[--] [CMD [ARG...]]")
+@click.option("--script", "script", metavar="FILE", type=click.Path(dir_okay=False),
+              help="Send the local FILE and run it (CMD ARGS become its arguments).")
+@click.option("--send", "sends", multiple=True, metavar="SRC:DEST",
+              help="Write the local file SRC to DEST on the nodes first (repeatable; "
+                   "DEST ending in / keeps the name).")
+@click.option("--env", "export_env", is_flag=True,
+              help="Export the KADEPLOY_* variables to the command.")
+@click.option("--target", type=click.Choice(["deploy", "system"]), default="deploy",
+              show_default=True,
+              help="What the nodes run now: picks the known-hosts file (host keys differ).")
+@click.option("-b", "--gather", is_flag=True,
+              help="Human view: identical outputs folded by node set (as clush -b).")
+@common.fanout_option
+@common.timeout_option
+@common.stream_options
 @common.command
-def cli(**opts):
-    """parallel execution (not implemented yet)."""
-    raise NotImplementedYet("ka-exec is not implemented yet (parallel execution: issue #4)")
+def cli(command, script, sends, export_env, target, gather, fanout, timeout, **opts):
+    """Run CMD (a shell command line), a local script or file sends on every OK node.
+
+    Each node's record gets rc, stdout, stderr and time; a non-zero rc, a
+    timeout (default 300 s per node) or an unreachable node makes it KO.
+
+    \b
+    Examples:
+      ka-exec -m node-[1-8] -- uname -r
+      ka-exec -m node-[1-8] --script ./setup.sh -- --verbose
+      ka-exec -m node-[1-8] --send ./motd:/etc/motd
+      ka-reboot -m node-[1-8] --wait deploy | ka-exec --env -- 'echo $KADEPLOY_DEPLOY_PART'
+    """
+    job = exec_mod.Job(
+        command=None if script or not command else " ".join(command),
+        script=_read_script(script),
+        script_args=tuple(command) if script else (),
+        sends=tuple(exec_mod.Send.parse(s) for s in sends),
+        timeout=timeout or exec_mod.DEFAULT_TIMEOUT,
+        export_env=export_env,
+    )
+    config = common.load_config(opts)
+    output = exec_mod.execute(config, common.read_input(opts), job, fanout, target)
+    if gather:
+        return _write_gathered(opts, output)
+    return common.emit(opts, output, columns=("rc",))
+
+
+def _read_script(path):
+    if path is None:
+        return None
+    try:
+        with open(path, "rb") as handle:
+            return handle.read()
+    except OSError as exc:
+        raise UsageError(f"cannot read {path}: {exc.strerror}") from None
+
+
+def _write_gathered(opts, output):
+    """Print the folded view once every node is done; still honour --ok/--ko."""
+    done = list(output)
+    for group in exec_mod.gather(done):
+        sys.stdout.write(_format_group(group))
+    sys.stdout.flush()
+    ok = [r["node"] for r in done if records.is_ok(r)]
+    ko = [r["node"] for r in done if not records.is_ok(r)]
+    if opts.get("ok_file"):
+        records.write_node_list(opts["ok_file"], ok)
+    if opts.get("ko_file"):
+        records.write_node_list(opts["ko_file"], ko)
+    return EXIT_KO if ko else EXIT_OK
+
+
+def _format_group(group):
+    header = f"{group.nodeset} ({len(group.nodes)})"
+    if group.error:
+        header += f" KO: {group.error}"
+    rule = "-" * 15
+    body = group.stdout + group.stderr
+    if body and not body.endswith("\n"):
+        body += "\n"
+    return f"{rule}\n{header}\n{rule}\n{body}"
 
 
 main = common.entry_point(cli, "ka-exec")

@@ -1,17 +1,153 @@
-"""ka-pxe: PXE profiles (not implemented yet, issue #5)."""
+"""ka-pxe: write, show and clear the PXE profiles of nodes (PXELINUX, iPXE, GRUB)."""
 
 import click
 
-from ..errors import NotImplementedYet
+from .. import pxe
 from . import common
 
+COLUMNS = ("profile", "pxe_files")
 
-@click.command(context_settings=common.CONTEXT)
-@common.verbosity_options
+
+@click.group(context_settings=common.CONTEXT)
+def cli():
+    """PXE profiles: what each node boots from the network next.
+
+    The method (pxelinux, ipxe, grub), the file naming and the headers come from
+    the node's cluster (its 'pxe' section); files go under the server's pxe_root:
+    pxelinux.cfg/NAME, ipxe/NAME, grub/grub.cfg-NAME. Templates live in
+    share/pxe-templates/ and a file of the same name in CONFIG_DIR/pxe-templates/
+    replaces one. Each file is replaced atomically.
+
+    \b
+    Examples:
+      ka-pxe set deploy -m node-[1-8]
+      ka-pxe set local --partition 3 -f nodes.txt
+      ka-pxe set netboot --env debian12 -m node-1
+      ka-pxe set custom --template my.tmpl -m node-2
+      ka-pxe show -m node-[1-8] --content
+      ka-pxe clear -m node-[1-8]
+    """
+
+
+@cli.group("set", context_settings=common.CONTEXT)
+def set_group():
+    """Write a profile for every OK node, then pass the records on.
+
+    KO records pass through unchanged. A node whose profile cannot be written
+    (unknown node, no MAC known with the mac naming...) ends KO and no file of
+    it is written.
+    """
+
+
+def _run(opts, make_output):
+    config = common.load_config(opts)
+    return common.emit(opts, make_output(config, common.read_input(opts)), COLUMNS)
+
+
+@set_group.command("deploy", context_settings=common.CONTEXT)
+@common.stream_options
 @common.command
-def cli(**opts):
-    """PXE profiles (not implemented yet)."""
-    raise NotImplementedYet("ka-pxe is not implemented yet (PXE profiles: issue #5)")
+def set_deploy(**opts):
+    """Boot the cluster's deployment kernel, initrd and params (boot.kernels.deploy)."""
+    return _run(opts, lambda config, items:
+                pxe.set_profiles(config, pxe.Request("deploy"), items))
+
+
+class _Partition(click.ParamType):
+    name = "P|disk"
+
+    def convert(self, value, param, ctx):
+        if isinstance(value, int) or value == pxe.DISK:
+            return value
+        try:
+            number = int(value)
+        except ValueError:
+            number = 0
+        if not 1 <= number <= pxe.profiles.MAX_PARTITION:
+            self.fail(f"expected a partition number (1-{pxe.profiles.MAX_PARTITION}) or "
+                      f"'{pxe.DISK}', got {value!r}", param, ctx)
+        return number
+
+
+@set_group.command("local", context_settings=common.CONTEXT)
+@click.option("-p", "--partition", type=_Partition(), default=None,
+              help="Boot this partition of the first disk, or 'disk' for its MBR "
+                   "(default: the cluster's deploy partition).")
+@common.stream_options
+@common.command
+def set_local(partition, **opts):
+    """Boot the local disk (chainloaded when pxe.local_method differs from pxe.method)."""
+    request = pxe.Request("local", partition=partition)
+    return _run(opts, lambda config, items: pxe.set_profiles(config, request, items))
+
+
+@set_group.command("netboot", context_settings=common.CONTEXT)
+@click.option("-e", "--env", "env_spec", metavar="NAME[@VERSION]",
+              help="Boot this environment's kernel and initrd (read from its tar image).")
+@click.option("-u", "--owner", metavar="USER", help="The environment's owner.")
+@click.option("--kernel", type=click.Path(exists=True, dir_okay=False),
+              help="Boot this kernel file instead of an environment's.")
+@click.option("--initrd", type=click.Path(exists=True, dir_okay=False),
+              help="With --kernel: its initrd.")
+@click.option("--params", default="", metavar="TEXT",
+              help="More kernel parameters (after the cluster's user params and the env's).")
+@common.stream_options
+@common.command
+def set_netboot(env_spec, owner, kernel, initrd, params, **opts):
+    """Boot a kernel and initrd copied into the PXE tree (cached by content).
+
+    The files are stored once under pxe_root/kabin-cache/, named by their
+    SHA-256; the cache is bounded by paths.pxe_cache_size_mb (least recently
+    used files go first, never one a profile still names).
+    """
+    from ..pxe import netboot  # the environment library is needed here only
+
+    if bool(env_spec) == bool(kernel):
+        raise click.UsageError("give either --env NAME or --kernel FILE")
+    if initrd and not kernel:
+        raise click.UsageError("--initrd goes with --kernel (an environment names its own)")
+    if "\n" in params:
+        raise click.UsageError("--params must be one line")
+    config = common.load_config(opts)
+    if env_spec:
+        request = netboot.request_from_env(config, env_spec, owner=owner, params=params)
+    else:
+        request = netboot.request_from_files(config, kernel, initrd, params)
+    return common.emit(opts, pxe.set_profiles(config, request, common.read_input(opts)), COLUMNS)
+
+
+@set_group.command("custom", context_settings=common.CONTEXT)
+@click.option("--template", "template_file", required=True, metavar="FILE",
+              help="The profile template; placeholders {{ name }} get each node's values.")
+@common.stream_options
+@common.command
+def set_custom(template_file, **opts):
+    """Write a template of yours, with per-node values, as each node's profile.
+
+    It goes where the cluster's pxe.method reads it. Placeholders: node, short,
+    cluster, name, ip, ip_hex, mac, header, kernel, initrd, params (the deploy
+    kernel's), user_params, deploy_partition. An unknown one is an error before
+    any file is written.
+    """
+    request = pxe.custom_request(template_file)
+    return _run(opts, lambda config, items: pxe.set_profiles(config, request, items))
+
+
+@cli.command("show", context_settings=common.CONTEXT)
+@click.option("--content", is_flag=True, help="Include the files' text (field pxe_content).")
+@common.stream_options
+@common.command
+def show(content, **opts):
+    """Report each node's profile (field profile: deploy, local, ... or null) and files."""
+    return _run(opts, lambda config, items: pxe.show_profiles(config, items, content))
+
+
+@cli.command("clear", context_settings=common.CONTEXT)
+@common.stream_options
+@common.command
+def clear(**opts):
+    """Remove every profile file of each node (its firmware falls back to its default)."""
+    return _run(opts, pxe.clear_profiles)
 
 
 main = common.entry_point(cli, "ka-pxe")

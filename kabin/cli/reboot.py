@@ -1,17 +1,156 @@
-"""ka-reboot: reboot, power and boot checks (not implemented yet, issue #4)."""
+"""ka-reboot: reboot with escalation levels and boot checks; ``ka-reboot power on|off|status``."""
 
 import click
 
-from ..errors import NotImplementedYet
+from .. import reboot as reboot_mod
+from ..errors import UsageError
 from . import common
 
+_seconds = click.FloatRange(0, min_open=True)
 
-@click.command(context_settings=common.CONTEXT)
-@common.verbosity_options
+
+class _DefaultReboot(click.Group):
+    """``ka-reboot ARGS`` means ``ka-reboot reboot ARGS`` unless ARGS name a subcommand."""
+
+    def parse_args(self, ctx, args):
+        if args and args[0] not in self.commands and args not in (["-h"], ["--help"]):
+            args = ["reboot", *args]
+        elif not args:
+            args = ["reboot"]
+        return super().parse_args(ctx, args)
+
+
+@click.group(cls=_DefaultReboot, context_settings=common.CONTEXT)
+def cli():
+    """Reboot nodes through escalation levels and check they booted; power them on/off.
+
+    \b
+    ka-reboot [OPTIONS]          reboot (same as: ka-reboot reboot [OPTIONS])
+    ka-reboot power on|off|status [OPTIONS]
+
+    \b
+    Examples:
+      ka-reboot -m node-[1-8] --level soft,hard,very_hard --wait deploy
+      ka-reboot -m node-[1-8] --kexec /mnt/dest/vmlinuz --initrd /mnt/dest/initrd.img \\
+                --append 'root=/dev/sda3' --wait system
+      ka-reboot power status -m node-[1-8]
+    """
+
+
+def _level_option(what):
+    return click.option("-l", "--level", "levels", metavar="L1[,L2...]",
+                        help=f"Levels tried in order, each when the previous fails "
+                             f"(default: every {what} level of the cluster, e.g. soft,hard,very_hard).")
+
+
+_wait_option = click.option("--wait", type=click.Choice(reboot_mod.WAIT_MODES), default=None,
+                            help="What must be up after each level: deploy (22 and the marker "
+                                 "port open), system (22 open, marker closed), any (22 open), "
+                                 "none.  [reboot default: any; power on default: none]")
+_TIMING = (
+    click.option("-t", "--timeout", "boot_timeout", type=_seconds, metavar="SECONDS",
+                 help="Time a node has to go down and come back after each level (default: "
+                      "the cluster's timeouts.reboot, or timeouts.kexec)."),
+    click.option("--deadline", type=_seconds, metavar="SECONDS",
+                 help="Whole time per node, all levels included, from its first command "
+                      "(default: the sum of its levels' budgets)."),
+    click.option("--command-timeout", type=_seconds, default=reboot_mod.COMMAND_TIMEOUT,
+                 show_default=True, metavar="SECONDS",
+                 help="Bound of each level's command (SSH, template, BMC calls)."),
+    click.option("--from", "ssh_target", type=click.Choice(["deploy", "system"]), default=None,
+                 help="What the nodes run now: the known-hosts file of the SSH levels "
+                      "(default: deploy with --kexec, else system)."),
+    click.option("--fanout", type=click.IntRange(1), default=None,
+                 help=f"Nodes in flight (default: {reboot_mod.IN_FLIGHT} for reboot and power "
+                      "on/off, whose commands the reboot window bounds; the config's fanout "
+                      "for status)."),
+)
+
+
+def _timing_options(fn):
+    for decorator in reversed(_TIMING):
+        fn = decorator(fn)
+    return fn
+
+
+def _pop_timing(opts):
+    return {k: opts.pop(k) for k in ("boot_timeout", "deadline", "command_timeout", "ssh_target",
+                                     "fanout")}
+
+
+def _options(levels, wait, default_wait, timing):
+    return reboot_mod.Options(
+        levels=reboot_mod.parse_levels(levels) if levels else None,
+        wait=wait or default_wait,
+        **timing,
+    )
+
+
+def _check_levels(config, operation, names):
+    """A level named nowhere in the configuration is a usage error, not a KO per node."""
+    if not names:
+        return
+    known = {op.name for cluster in config.clusters.values()
+             for op in cluster.remoteops.get(operation, ())}
+    known |= {op.name for node in config.nodes.values() for op in node.remoteops.get(operation, ())}
+    unknown = [n for n in names if n not in known]
+    if unknown:
+        raise UsageError(f"--level: unknown {operation} level {', '.join(unknown)} "
+                         f"(configured: {', '.join(sorted(known)) or 'none'})")
+
+
+@cli.command("reboot", context_settings=common.CONTEXT)
+@_level_option("reboot")
+@_wait_option
+@click.option("--kexec", "kernel", metavar="KERNEL",
+              help="Reboot by kexec into KERNEL (a path on the node), before any --level.")
+@click.option("--initrd", metavar="FILE", help="With --kexec: the initrd (a path on the node).")
+@click.option("--append", metavar="PARAMS", help="With --kexec: the kernel command line.")
+@_timing_options
+@common.stream_options
 @common.command
-def cli(**opts):
-    """reboot, power and boot checks (not implemented yet)."""
-    raise NotImplementedYet("ka-reboot is not implemented yet (reboot, power and boot checks: issue #4)")
+def reboot_command(levels, wait, kernel, initrd, append, **opts):
+    """Reboot the OK nodes; a node moves to the next level when the command fails or when it
+    does not go down and come back in time. The record's 'level' names the level that worked.
+    """
+    if (initrd or append is not None) and not kernel:
+        raise UsageError("--initrd and --append go with --kexec KERNEL")
+    timing = _pop_timing(opts)
+    timing["ssh_target"] = timing["ssh_target"] or ("deploy" if kernel else "system")
+    options = _options(levels, wait, "any", timing)
+    if kernel:
+        options.kexec = reboot_mod.Kexec(kernel, initrd, append)
+    config = common.load_config(opts)
+    _check_levels(config, "reboot", options.levels)
+    output = reboot_mod.reboot(config, common.read_input(opts), options)
+    return common.emit(opts, output, columns=("level",))
+
+
+@cli.command("power", context_settings=common.CONTEXT)
+@click.argument("action", type=click.Choice(["on", "off", "status"]))
+@_level_option("power_on/power_off")
+@_wait_option
+@_timing_options
+@common.stream_options
+@common.command
+def power_command(action, levels, wait, **opts):
+    """Power the OK nodes on or off (through the escalation levels), or read their state.
+
+    'status' reads each node's power through its BMC (or its power_status
+    template): field 'power' = on | off.
+    """
+    if action != "on" and wait not in (None, "none"):
+        raise UsageError("--wait goes with 'power on'")
+    timing = _pop_timing(opts)
+    timing["ssh_target"] = timing["ssh_target"] or "system"
+    options = _options(levels, wait, "none", timing)
+    config = common.load_config(opts)
+    if action != "status":
+        _check_levels(config, f"power_{action}", options.levels)
+    elif levels:
+        raise UsageError("--level goes with 'power on' and 'power off'")
+    output = reboot_mod.power(config, common.read_input(opts), action, options)
+    return common.emit(opts, output, columns=("power", "level"))
 
 
 main = common.entry_point(cli, "ka-reboot")

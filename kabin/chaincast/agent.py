@@ -1,0 +1,542 @@
+"""The chaincast relay agent: one per node, sent over SSH and run with the node's python3.
+
+It needs only Python's standard library (3.7+), plus the ``zstandard`` module for
+zstd images when present (else the ``zstd`` command). The sender starts it with
+a tiny bootstrap that reads this source from stdin (see ``sender.bootstrap``);
+after the source, stdin carries commands and stdout carries events, one JSON
+object per line:
+
+- first line in: the job (token, size, kind, compression, dest, ports, ...);
+- out: ``ready`` (port, pid), then ``state`` every ``interval`` seconds (the
+  offsets and idle times the sender needs to find a stalled node), ``child-lost``,
+  ``cannot-serve``, ``sink-failed``, ``done`` (bytes, sha256, time), ``fatal``;
+- in: ``children`` (the nodes to forward to); EOF on stdin ends the agent.
+
+Data (plain TCP, ports from the configured range): a parent connects to its child
+and sends ``MAGIC token name``; the child answers with its offset (8 bytes), the
+number of bytes it already has, and the parent streams from there. So a node
+whose predecessor died resumes from its own offset with any new parent.
+
+Memory: received data lives in one ring of ``ring`` bytes whatever the image
+size. A byte is overwritten only when the sink and every child have consumed
+it: a slow disk or a slow child slows the reader, hence the whole chain
+(backpressure). The ring also keeps the last ``ring`` bytes for repairs.
+
+What a node does with the data (decompress, extract, write) is in ``sinks``,
+sent ahead of this file in the same script (see ``launch.agent_source``).
+"""
+
+import hashlib
+import json
+import os
+import socket
+import struct
+import sys
+import tarfile
+import threading
+import time
+
+try:  # in the package; on a node, sinks.py comes first in the same script
+    from .sinks import (
+        Aborted,
+        decompressed,
+        drain,
+        extract_tar,
+        store_file,
+        write_blocks,
+    )
+except ImportError:
+    pass
+
+MAGIC = b"KBCC1"
+CHUNK = 256 * 1024          # most bytes moved by one recv/send
+OFFSET = struct.Struct(">Q")
+# Bytes a relay waits for before reading (SO_RCVLOWAT): a shaped link delivers a few
+# segments at a time, and a loop turn per segment costs more CPU than moving the data.
+BATCH = 64 * 1024
+HANDSHAKE_TIMEOUT = 10.0
+IO_TICK = 1.0               # longest blocking call before a thread checks for abort
+
+
+# ---------------------------------------------------------------- the ring
+
+
+class Ring:
+    """The last ``size`` bytes of the stream and the cursors of its consumers.
+
+    Offsets are absolute positions in the stream. ``head`` is the number of
+    bytes received; a consumer's cursor is the number of bytes it has used.
+    """
+
+    def __init__(self, size, total):
+        self.size, self.total = size, total
+        self.view = memoryview(bytearray(size))
+        self.head = 0
+        self.reserved = 0               # bytes being received into the ring right now
+        self.cursors, self.progress = {}, {}
+        self.cond = threading.Condition()
+        self.aborted = False
+
+    def start(self):
+        """The oldest offset still held (the ring may be overwriting it right now)."""
+        return max(0, self.head + self.reserved - self.size)
+
+    def _room(self):
+        oldest = min(self.cursors.values(), default=self.head)
+        return self.size - (self.head - oldest)
+
+    def _wait(self, ready, timeout):
+        end = time.monotonic() + timeout
+        while not ready():
+            if self.aborted:
+                raise Aborted()
+            left = end - time.monotonic()
+            if left <= 0:
+                return False
+            self.cond.wait(left)
+        return True
+
+    def slot(self, timeout):
+        """A writable view after ``head`` (None if the ring stayed full for ``timeout``)."""
+        with self.cond:
+            if not self._wait(lambda: self._room() > 0, timeout):
+                return None
+            pos = self.head % self.size
+            length = min(self._room(), self.size - pos, CHUNK, self.total - self.head)
+            self.reserved = length
+            return self.view[pos:pos + length]
+
+    def commit(self, count):
+        with self.cond:
+            self.head += count
+            self.reserved = 0
+            self.cond.notify_all()
+
+    def add(self, name, offset=None):
+        """A new consumer; without an offset it holds everything kept until set."""
+        with self.cond:
+            self.cursors[name] = self.start() if offset is None else offset
+            self.progress[name] = time.monotonic()
+
+    def remove(self, name):
+        with self.cond:
+            self.cursors.pop(name, None)
+            self.progress.pop(name, None)
+            self.cond.notify_all()
+
+    def place(self, name, offset):
+        """Move a new consumer to ``offset``; False if the ring no longer holds it."""
+        with self.cond:
+            if name not in self.cursors or offset < self.start():
+                self.cursors.pop(name, None)
+                self.cond.notify_all()
+                return False
+            self.cursors[name] = offset
+            self.progress[name] = time.monotonic()
+            return True
+
+    def read(self, name, limit, timeout):
+        """A view of the bytes after ``name``'s cursor (b"" at the end or once removed,
+        None on timeout)."""
+        with self.cond:
+            cursor = self.cursors.get(name, self.total)
+            if cursor >= self.total:
+                return b""
+            if not self._wait(lambda: self.head > self.cursors.get(name, self.total), timeout):
+                return None
+            cursor = self.cursors.get(name, self.total)
+            if cursor >= self.total:
+                return b""
+            pos = cursor % self.size
+            length = min(self.head - cursor, self.size - pos, limit)
+            return self.view[pos:pos + length]
+
+    def advance(self, name, count):
+        with self.cond:
+            if name not in self.cursors:
+                return
+            self.cursors[name] += count
+            self.progress[name] = time.monotonic()
+            self.cond.notify_all()
+
+    def idle(self, name, now):
+        """Seconds ``name`` has had data to take without taking any (0 when caught up)."""
+        cursor = self.cursors.get(name)
+        if cursor is None or cursor >= self.head:
+            return 0.0
+        return now - self.progress[name]
+
+    def abort(self):
+        with self.cond:
+            self.aborted = True
+            self.cond.notify_all()
+
+
+class RingReader:
+    """The sink's file-like view of the stream, for the decompressors and tarfile."""
+
+    def __init__(self, ring, name="sink"):
+        self.ring, self.name = ring, name
+
+    def readable(self):
+        return True
+
+    def read(self, size=-1):
+        size = CHUNK if size is None or size < 0 else size
+        while True:
+            view = self.ring.read(self.name, size, IO_TICK)
+            if view is not None:
+                data = bytes(view)
+                self.ring.advance(self.name, len(data))
+                return data
+
+    def readinto(self, buffer):
+        data = self.read(len(buffer))
+        buffer[:len(data)] = data
+        return len(data)
+
+
+# ---------------------------------------------------------------- the agent
+
+
+class Agent:
+    """Receives the stream from a parent, writes it, forwards it to children."""
+
+    def __init__(self, job, out):
+        self.job, self.out = job, out
+        self.total = job["size"]
+        self.ring = Ring(min(job["ring"], max(self.total, 1)), self.total)
+        self.ring.add("sink", 0)
+        self.digest = hashlib.sha256()
+        self.started = time.monotonic()
+        self.last_recv = self.started
+        self.upstream, self.generation = None, 0
+        self.up_cond = threading.Condition()
+        self.children = {}                  # name -> Forwarder
+        self.sink_error, self.sink_done, self.received = None, False, False
+        self.lock = threading.Lock()
+        self.done_sent = False
+        self.closing = threading.Event()
+        self.listener = self._listen()
+
+    # -------------------------------------------------------- events
+
+    def emit(self, event, **fields):
+        fields["ev"] = event
+        line = json.dumps(fields) + "\n"
+        with self.lock:
+            try:
+                self.out.write(line)
+                self.out.flush()
+            except (OSError, ValueError):
+                pass  # the sender is gone: stdin EOF ends us
+
+    # -------------------------------------------------------- listening and upstreams
+
+    def _listen(self):
+        first, last = self.job["ports"]
+        for address in (self.job.get("bind") or "", ""):
+            for port in range(first, last + 1):
+                sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+                try:
+                    sock.bind((address, port))
+                except OSError as exc:
+                    sock.close()
+                    if exc.errno == 99:  # EADDRNOTAVAIL: not our address, listen on all
+                        break
+                    continue
+                sock.listen(16)
+                return sock
+        raise OSError(f"no free port in {first}-{last}")
+
+    def accept_loop(self):
+        while True:
+            conn, _ = self.listener.accept()
+            threading.Thread(target=self._handshake, args=(conn,), daemon=True).start()
+
+    def _handshake(self, conn):
+        """Check a new parent, then make it the upstream and tell it our offset."""
+        try:
+            conn.settimeout(HANDSHAKE_TIMEOUT)
+            line = _read_line(conn, 200)
+            magic, token = (line.split(b" ") + [b"", b""])[:2]
+            if magic != MAGIC or token.decode() != self.job["token"]:
+                conn.close()
+                return
+        except (OSError, UnicodeDecodeError):
+            conn.close()
+            return
+        with self.up_cond:
+            old, self.upstream = self.upstream, conn
+            self.generation += 1
+            if old is not None:
+                _shutdown(old)
+            try:
+                conn.sendall(OFFSET.pack(self.ring.head))
+            except OSError:
+                self.upstream = None
+                conn.close()
+            self.up_cond.notify_all()
+
+    def receive_loop(self):
+        """Read the stream into the ring until the end; hash it on the way."""
+        batched = (None, 0)
+        while self.ring.head < self.total:
+            with self.up_cond:
+                if self.upstream is None:
+                    self.up_cond.wait(IO_TICK)
+                    continue
+                sock, generation = self.upstream, self.generation
+            view = self.ring.slot(IO_TICK)
+            if view is None:
+                continue
+            try:
+                batched = _batch(sock, self.total - self.ring.head, batched)
+                count = sock.recv_into(view)
+            except socket.timeout:  # noqa: UP041 (not TimeoutError before Python 3.10)
+                self.ring.commit(0)
+                continue
+            except OSError:
+                count = 0
+            with self.up_cond:
+                current = generation == self.generation
+                if current and count:
+                    self.ring.commit(count)
+                else:
+                    self.ring.commit(0)
+                if current and not count:
+                    self.upstream = None
+                    sock.close()
+                    self.emit("upstream-lost", offset=self.ring.head)
+            if current and count:
+                self.digest.update(view[:count])
+                self.last_recv = time.monotonic()
+        self.received = True
+        self._maybe_done()
+
+    # -------------------------------------------------------- sink
+
+    def sink_loop(self):
+        job, raw = self.job, RingReader(self.ring)
+        try:
+            if job["store"]:
+                store_file(raw, job["dest"])
+            else:
+                stream = decompressed(raw, job["compression"])
+                if job["kind"] == "tar":
+                    extract_tar(stream, job["dest"])
+                else:
+                    write_blocks(stream, job["dest"])
+                drain(stream)  # to the end: the decompressor checks the stream's trailer
+            drain(raw)
+        except Aborted:
+            return
+        except Exception as exc:  # noqa: BLE001 (any failure of this node's disk or image:
+            # report it and keep relaying for the others)
+            self.sink_error = _reason(exc)
+            self.ring.remove("sink")
+            self.emit("sink-failed", reason=self.sink_error)
+            return
+        self.sink_done = True
+        self._maybe_done()
+
+    def _maybe_done(self):
+        with self.lock:
+            if not (self.received and self.sink_done) or self.done_sent:
+                return
+            self.done_sent = True
+        self.emit("done", bytes=self.ring.head, sha256=self.digest.hexdigest(),
+                  time=round(time.monotonic() - self.started, 3), **_usage())
+
+    # -------------------------------------------------------- children
+
+    def set_children(self, wanted):
+        wanted = {c[0]: c for c in wanted}
+        for name in list(self.children):
+            if name not in wanted:
+                self.children.pop(name).stop()
+        for name, (_, address, port) in wanted.items():
+            if name not in self.children or self.children[name].finished:
+                self.children[name] = Forwarder(self, name, address, port)
+
+    def state(self):
+        now = time.monotonic()
+        ring = self.ring
+        with ring.cond:
+            full = ring._room() <= 0
+            fwd = {name: [ring.cursors.get(name, 0), round(ring.idle(name, now), 1)]
+                   for name in list(self.children)}
+            sink_idle = ring.idle("sink", now)
+        recv_idle = 0.0 if full or ring.head >= self.total else now - self.last_recv
+        return {"recv": ring.head, "recv_idle": round(recv_idle, 1),
+                "sink_idle": round(sink_idle, 1), "fwd": fwd}
+
+    def report_loop(self):
+        while True:
+            self.emit("state", **self.state())
+            if self.closing.wait(self.job["interval"]):
+                return
+
+
+class Forwarder:
+    """Streams the ring to one child from the child's own offset."""
+
+    def __init__(self, agent, name, address, port):
+        self.agent, self.name, self.ring = agent, name, agent.ring
+        self.stopped = self.finished = False
+        self.ring.add(name)  # hold what the ring keeps until the child tells its offset
+        self.sock = None
+        threading.Thread(target=self.run, args=(address, port), daemon=True).start()
+
+    def stop(self):
+        self.stopped = True
+        if self.sock is not None:
+            _shutdown(self.sock)
+        self.ring.remove(self.name)
+
+    def run(self, address, port):
+        try:
+            self.sock = _connect_child(address, port, self.agent.job["token"], self.agent.job["name"])
+            offset = OFFSET.unpack(_read_exact(self.sock, OFFSET.size))[0]
+            if not self.ring.place(self.name, offset):
+                if not self.stopped:
+                    self.agent.emit("cannot-serve", child=self.name, offset=offset)
+                return
+            self._stream()
+        except Aborted:
+            return
+        except OSError as exc:
+            if not self.stopped:
+                self.agent.emit("child-lost", child=self.name, reason=_reason(exc))
+        finally:
+            self.finished = True
+            if self.sock is not None:
+                self.sock.close()
+            self.ring.remove(self.name)
+
+    def _stream(self):
+        self.sock.settimeout(IO_TICK)
+        while not self.stopped:
+            view = self.ring.read(self.name, CHUNK, IO_TICK)
+            if view is None:
+                continue
+            if not view:
+                self.sock.shutdown(socket.SHUT_WR)
+                return
+            try:
+                sent = self.sock.send(view)
+            except socket.timeout:  # noqa: UP041 (not TimeoutError before Python 3.10)
+                continue
+            self.ring.advance(self.name, sent)
+
+
+def _usage():
+    """CPU seconds (with the decompressing command, if any) and peak memory (MB) so far."""
+    try:
+        import resource
+    except ImportError:
+        return {}
+    own, kids = resource.getrusage(resource.RUSAGE_SELF), resource.getrusage(resource.RUSAGE_CHILDREN)
+    usage = {"cpu": round(own.ru_utime + own.ru_stime + kids.ru_utime + kids.ru_stime, 3)}
+    try:  # VmHWM: ru_maxrss would include the peak of whatever process exec'd us
+        with open("/proc/self/status") as status:
+            peak = next(int(line.split()[1]) for line in status if line.startswith("VmHWM:"))
+        usage["peak_mb"] = round(peak / 1024, 1)
+    except (OSError, StopIteration, ValueError):
+        pass
+    return usage
+
+
+def _batch(sock, remaining, current):
+    """Make ``sock`` wait for BATCH bytes (fewer near the end); returns (sock, low mark)."""
+    mark = max(1, min(BATCH, remaining))
+    if current == (sock, mark):
+        return current
+    sock.settimeout(IO_TICK)
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVLOWAT, mark)
+    except (OSError, AttributeError):
+        pass  # no low mark here: reads are smaller, nothing else changes
+    return sock, mark
+
+
+def _connect_child(address, port, token, name):
+    sock = socket.create_connection((address, port), timeout=HANDSHAKE_TIMEOUT)
+    sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+    sock.sendall(b" ".join([MAGIC, token.encode(), name.encode()]) + b"\n")
+    return sock
+
+
+def _read_line(sock, limit):
+    data = b""
+    while not data.endswith(b"\n"):
+        chunk = sock.recv(1)
+        if not chunk or len(data) > limit:
+            raise OSError("bad handshake")
+        data += chunk
+    return data.rstrip(b"\n")
+
+
+def _read_exact(sock, count):
+    data = b""
+    while len(data) < count:
+        chunk = sock.recv(count - len(data))
+        if not chunk:
+            raise OSError("connection closed during the handshake")
+        data += chunk
+    return data
+
+
+def _shutdown(sock):
+    try:
+        sock.shutdown(socket.SHUT_RDWR)
+    except OSError:
+        pass
+
+
+def _reason(exc):
+    if isinstance(exc, OSError) and exc.strerror:
+        where = f" ({exc.filename})" if exc.filename else ""
+        return f"{exc.strerror}{where}"
+    if isinstance(exc, tarfile.TarError):
+        return f"bad tar archive: {exc or type(exc).__name__}"
+    return f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__
+
+
+def _start(target):
+    threading.Thread(target=target, daemon=True).start()
+
+
+def run(stdin, stdout):
+    """Serve one job: read the job line, then the commands, until EOF."""
+    job = json.loads(stdin.readline())
+    try:
+        agent = Agent(job, stdout)
+    except OSError as exc:
+        stdout.write(json.dumps({"ev": "fatal", "reason": _reason(exc)}) + "\n")
+        stdout.flush()
+        return 3
+    timer = threading.Timer(job["deadline"], os._exit, args=(4,))
+    timer.daemon = True
+    timer.start()
+    agent.emit("ready", port=agent.listener.getsockname()[1], pid=os.getpid())
+    for target in (agent.accept_loop, agent.receive_loop, agent.sink_loop, agent.report_loop):
+        _start(target)
+    for line in stdin:  # until the sender closes our stdin (or goes away)
+        command = json.loads(line)
+        if command["cmd"] == "children":
+            agent.set_children(command["children"])
+    agent.closing.set()
+    agent.ring.abort()
+    return 0
+
+
+def main():
+    stdin = os.fdopen(0, "r", buffering=1, closefd=False)
+    code = run(stdin, sys.stdout)
+    sys.stdout.flush()
+    os._exit(code)  # daemon threads may be blocked in I/O: do not wait for them
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,338 @@
+"""One broadcast: start the agents, wire the chain (or tree), heal it, verify, report.
+
+The coordinator runs in the caller's thread and yields each node's record as
+soon as it is known. It learns everything from events: the agents' (over their
+control channels) and the source's. Every wait is bounded: the agents' start,
+the heartbeats (``stall_timeout``), the whole broadcast (``timeout``).
+
+Failures, as in Kascade: a relay that dies (its control channel ends, or its
+parent loses the connection) or stalls (its parent has had data for it for
+``stall_timeout`` seconds and it took none, see ``topology.stalled_nodes``) is
+KO with the reason and taken out: its parent adopts its children, which resume
+from their own offsets. A node whose disk fails is KO but keeps relaying.
+"""
+
+import logging
+import queue
+import secrets
+import socket
+import threading
+import time
+from dataclasses import dataclass
+
+from .. import records
+from ..errors import KabinError
+from ..parallel import Deadline, Executor
+from . import order
+from .sender import Source, SourceDigest
+from .topology import SOURCE, Topology, stalled_nodes
+
+log = logging.getLogger(__name__)
+progress_log = logging.getLogger("kabin.progress")
+
+STEP = "chaincast"
+MB = 1 << 20
+
+
+@dataclass(frozen=True)
+class Options:
+    method: str = "chain"            # chain | tree
+    fanout: int = order.TREE_FANOUT  # children per node with the tree method
+    order: str = "topology"          # topology | name | input
+    stall_timeout: float = 30.0      # seconds without progress before a node is declared stalled
+    timeout: float = 3600.0          # the whole broadcast
+    start_timeout: float = 60.0      # starting every agent
+    ring: int = 16 * MB              # bytes each relay keeps for repairs (its memory bound)
+    interval: float = 1.0            # seconds between two state reports of an agent
+    max_rate: float | None = None    # bytes per second the source sends at most
+    start_fanout: int = 64           # agents started at once
+    progress_every: float = 2.0      # seconds between two progress lines
+
+
+@dataclass
+class _Node:
+    record: dict
+    address: str
+    handle: object = None
+    port: int | None = None
+    state: dict | None = None
+    heard: float = 0.0
+    status: str | None = None        # ok | ko once the node's record is out
+    usage: dict | None = None        # the agent's CPU seconds and peak memory when it was done
+
+
+class Broadcast:
+    """Broadcast ``image`` (an ``image.Image``) to the OK records given to ``run``.
+
+    ``launcher`` starts agents (``SshLauncher`` or ``LocalLauncher``);
+    ``address_of(node)`` is where its agent listens; ``dest_of(node)`` where it
+    writes; ``ports`` the (first, last) TCP port range; ``observer``, if given,
+    receives a progress snapshot at each tick.
+    """
+
+    def __init__(self, image, launcher, address_of, dest_of, ports, options=Options(),
+                 switch_of=None, uplink_of=None, store=False, stop=None, observer=None):
+        self.image, self.launcher, self.options = image, launcher, options
+        self.address_of, self.dest_of, self.ports = address_of, dest_of, ports
+        self.switch_of, self.uplink_of, self.store = switch_of, uplink_of, store
+        self.executor = Executor(options.start_fanout, stop)
+        self.stop = self.executor.stop     # the caller gives up (Ctrl-C, broken pipe)
+        self.halt = threading.Event()      # this broadcast is over: the source stops
+        self.observer = observer
+        self.events = queue.Queue()
+        self.token = secrets.token_hex(16)
+        self.nodes, self.topology, self.source, self.digest = {}, None, None, None
+
+    # ------------------------------------------------------------ the whole run
+
+    def run(self, items):
+        """Yield the records of ``items``: KO ones at once, the others when their fate is known."""
+        wanted = []
+        for record in items:
+            if records.is_ok(record):
+                wanted.append(record)
+            else:
+                yield record
+        if not wanted:
+            return
+        self.started = time.monotonic()
+        self.deadline = Deadline(self.options.timeout)
+        self.digest = SourceDigest(self.image.path, self.halt, self.image.sha256)
+        try:
+            yield from self._start(wanted)
+            ready = [name for name, n in self.nodes.items() if _ready(n)]
+            if ready:
+                self._wire(ready)
+                yield from self._watch()
+        finally:
+            self._close()
+
+    def _start(self, wanted):
+        """Start every agent (in parallel) and wait until each is ready or failed."""
+        for record in wanted:
+            name = record["node"]
+            try:
+                self.nodes[name] = node = _Node(record, self.address_of(name))
+            except KabinError as exc:  # e.g. a node the configuration does not know
+                self.nodes[name] = _Node(record, None)
+                yield from self._fail(name, str(exc))
+                continue
+            self.executor.submit(self._start_one, name, node.address,
+                                 on_done=lambda handle, exc, name=name: self.events.put(
+                                     (name, {"ev": "started", "handle": handle, "error": exc})))
+        start = Deadline(self.options.start_timeout)
+        waiting = {name for name, node in self.nodes.items() if node.status is None}
+        while waiting and not start.expired:
+            try:
+                name, event = self.events.get(timeout=start.remaining())
+            except queue.Empty:
+                break
+            yield from self._handle(name, event)
+            if _ready(self.nodes[name]) or self.nodes[name].status:
+                waiting.discard(name)
+        for name in waiting:
+            yield from self._fail(name, f"relay agent not ready after {self.options.start_timeout:.0f} s")
+
+    def _start_one(self, name, address):
+        job = {"name": name, "token": self.token, "size": self.image.size, "kind": self.image.kind,
+               "compression": self.image.compression, "store": self.store,
+               "dest": self.dest_of(name), "ports": list(self.ports), "bind": _resolve(address),
+               "ring": self.options.ring, "interval": self.options.interval,
+               "deadline": self.options.timeout + self.options.start_timeout}
+        return self.launcher.start(name, job, self.events, self.options.start_timeout)
+
+    def _wire(self, ready):
+        switch_of = self.switch_of if self.options.order == "topology" else None
+        ordered = order.order_nodes(ready, self.options.order, switch_of, self.uplink_of)
+        fanout = 1 if self.options.method == "chain" else self.options.fanout
+        self.topology = Topology(order.layout(ordered, fanout))
+        self.source = Source(self.image.path, self.image.size, self.token, self.events, self.halt,
+                             self.options.max_rate)
+        self.wired = time.monotonic()
+        log.debug("%s order: %s", self.options.method, " ".join(ordered))
+        for sender in [s for s in self.topology.children if s is not SOURCE] + [SOURCE]:
+            self._send_children(sender)
+
+    def _watch(self):
+        """Handle events until every node's fate is known or the deadline passes."""
+        next_check = time.monotonic() + self.options.interval
+        self.next_progress = time.monotonic() + self.options.progress_every
+        while any(n.status is None for n in self.nodes.values()):
+            if self.deadline.expired or self.stop.is_set():
+                yield from self._time_out()
+                break
+            try:
+                name, event = self.events.get(timeout=max(0.0, next_check - time.monotonic()))
+            except queue.Empty:
+                pass
+            else:
+                yield from self._handle(name, event)
+            if time.monotonic() >= next_check:
+                next_check = time.monotonic() + self.options.interval
+                yield from self._check_stalls()
+                self._progress()
+        self._progress(final=True)
+
+    # ------------------------------------------------------------ events
+
+    def _handle(self, name, event):
+        kind = event["ev"]
+        node = self.nodes.get(name)
+        if kind == "state" and node:
+            node.state, node.heard = event, time.monotonic()
+        elif kind == "started":
+            yield from self._started(name, event)
+        elif kind == "ready":
+            node.port, node.heard = event["port"], time.monotonic()
+            if self.topology is not None:  # too late: the chain is wired
+                yield from self._fail(name, "relay agent started too late")
+        elif kind == "done":
+            yield from self._done(name, event)
+        elif kind == "sink-failed":
+            yield from self._resolve(name, "ko", error=event["reason"])
+        elif kind == "child-lost":
+            if self.topology and self.topology.parent.get(event["child"], 0) == name:
+                sender = "the source" if name is SOURCE else name
+                yield from self._fail(event["child"], f"connection from {sender} lost: "
+                                                      f"{event['reason']}")
+        elif kind == "cannot-serve":
+            self._refeed(name, event["child"], event["offset"])
+        elif kind in ("fatal", "exit"):
+            yield from self._fail(name, event["reason"])
+        elif kind == "upstream-lost":
+            log.debug("%s: lost its upstream at %d bytes", name, event["offset"])
+
+    def _started(self, name, event):
+        if event["error"] is not None:
+            exc = event["error"]
+            reason = str(exc) if str(exc) else type(exc).__name__
+            yield from self._fail(name, f"cannot start the relay agent: {reason}")
+        else:
+            self.nodes[name].handle = event["handle"]
+            if self.nodes[name].status is not None:  # failed while starting
+                event["handle"].close()
+
+    def _done(self, name, event):
+        self.nodes[name].usage = {k: event[k] for k in ("cpu", "peak_mb") if k in event}
+        expected = self.digest.result(self.deadline.remaining())
+        fields = {"bytes": event["bytes"], "sha256": event["sha256"]}
+        if expected is None:
+            why = self.digest.error or "the source digest is not known"
+            yield from self._resolve(name, "ko", error=f"cannot verify the data: {why}", **fields)
+        elif event["sha256"] != expected:
+            yield from self._resolve(name, "ko", error="checksum mismatch: received data differs "
+                                                       "from the image", **fields)
+        else:
+            yield from self._resolve(name, "ok", **fields)
+
+    def _resolve(self, name, status, error=None, **fields):
+        node = self.nodes[name]
+        if node.status is not None:
+            return
+        node.status = status
+        elapsed = time.monotonic() - self.started
+        if status == "ok":
+            yield records.ok(node.record, STEP, elapsed, **fields)
+        else:
+            yield records.ko(node.record, STEP, error, elapsed, **fields)
+
+    # ------------------------------------------------------------ failures and repairs
+
+    def _fail(self, name, reason, kill=False):
+        """``name`` is dead or stalled: KO (if not already known) and out of the chain."""
+        node = self.nodes.get(name)
+        if node is None:
+            return
+        received = (node.state or {}).get("recv", 0)
+        if self.topology is not None and received < self.image.size:
+            reason += f" (at {100 * received // max(self.image.size, 1)} % of the image)"
+        yield from self._resolve(name, "ko", error=reason)
+        if self.topology is not None and name in self.topology:
+            log.info("%s: taken out of the %s: %s", name, self.options.method, reason)
+            parent = self.topology.remove(name)
+            self._send_children(parent)
+        if node.handle is not None:
+            if kill:
+                node.handle.kill()
+            node.handle.close()
+
+    def _refeed(self, parent, child, offset):
+        """``parent`` no longer holds ``child``'s offset: the source feeds the child."""
+        if self.topology is None or self.topology.parent.get(child, 0) != parent:
+            return
+        log.info("%s: resumes from the source at byte %d", child, offset)
+        self.topology.feed_from_source(child)
+        self._send_children(parent)
+        self._send_children(SOURCE)
+
+    def _send_children(self, sender):
+        children = [[kid, self.nodes[kid].address, self.nodes[kid].port]
+                    for kid in self.topology.children.get(sender, [])]
+        if sender is SOURCE:
+            self.source.set_children(children)
+        elif self.nodes[sender].handle is not None:
+            self.nodes[sender].handle.send({"cmd": "children", "children": children})
+
+    def _check_stalls(self):
+        limit, now = self.options.stall_timeout, time.monotonic()
+        silent = [name for name in list(self.topology.parent)
+                  if now - self.nodes[name].heard > limit]
+        for name in silent:
+            yield from self._fail(name, f"not responding for {limit:.0f} s", kill=True)
+        states = {name: self.nodes[name].state for name in self.topology.parent}
+        states[SOURCE] = self.source.state()
+        for name, reason in stalled_nodes(self.topology, states, limit):
+            yield from self._fail(name, reason, kill=True)
+
+    def _time_out(self):
+        why = "interrupted" if self.stop.is_set() else f"timeout after {self.options.timeout:.0f} s"
+        for name, node in list(self.nodes.items()):
+            if node.status is None:
+                yield from self._fail(name, why)
+
+    # ------------------------------------------------------------ progress and end
+
+    def snapshot(self):
+        """Where the broadcast stands: bytes of the slowest node still receiving, nodes done."""
+        waiting = [n for n in self.nodes.values() if n.status is None]
+        received = {name: (n.state or {}).get("recv", 0) for name, n in self.nodes.items()}
+        return {"size": self.image.size,
+                "bytes": min(((n.state or {}).get("recv", 0) for n in waiting), default=self.image.size),
+                "nodes": received, "total": len(self.nodes),
+                "done": sum(n.status == "ok" for n in self.nodes.values()),
+                "ko": sum(n.status == "ko" for n in self.nodes.values())}
+
+    def _progress(self, final=False):
+        snap = self.snapshot()
+        if self.observer:
+            self.observer(snap)
+        now = time.monotonic()
+        if not final and now < self.next_progress:
+            return
+        self.next_progress = now + self.options.progress_every
+        elapsed = max(now - self.wired, 1e-3)
+        rate = snap["bytes"] / elapsed
+        eta = f", ETA {(snap['size'] - snap['bytes']) / rate:.0f} s" if rate and not final else ""
+        progress_log.info("image at every node: %.1f/%.1f MB, %.1f MB/s%s, %d/%d nodes done%s",
+                          snap["bytes"] / MB, snap["size"] / MB, rate / MB, eta, snap["done"],
+                          snap["total"], f", {snap['ko']} KO" if snap["ko"] else "")
+
+    def _close(self):
+        self.halt.set()
+        for node in self.nodes.values():
+            if node.handle is not None:
+                node.handle.close()
+        if self.source is not None:
+            self.source.close()
+
+
+def _ready(node):
+    return node.status is None and node.port is not None and node.handle is not None
+
+
+def _resolve(address):
+    """The IP the agent should listen on (it falls back to all addresses if not its own)."""
+    try:
+        return socket.gethostbyname(address)
+    except OSError:
+        return ""

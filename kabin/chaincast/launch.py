@@ -1,0 +1,204 @@
+"""Starting relay agents: over SSH on the nodes, or as local processes.
+
+The agent's source travels on the agent's stdin behind a tiny bootstrap, so
+nothing has to be installed on the node but python3. After the source, stdin
+carries the job and the commands; stdout carries the agent's events, which a
+reader thread puts on the broadcast's event queue as ``(node, event)``. When
+the agent's output ends, the reader puts an ``exit`` event with the reason.
+
+``LocalLauncher`` runs the same agents as processes of this machine (one
+address per node, e.g. 127.0.X.Y): the tests use it, and so can a single host
+that fills several local disks.
+"""
+
+import json
+import logging
+import shlex
+import subprocess
+import sys
+import threading
+from pathlib import Path
+
+from ..errors import KabinError
+
+log = logging.getLogger(__name__)
+
+BOOTSTRAP = """import os,sys
+n=%d
+b=b""
+while len(b)<n:
+    c=os.read(0,n-len(b))
+    if not c:sys.exit("kabin chaincast agent: source truncated")
+    b+=c
+exec(compile(b,"kabin-chaincast-agent","exec"))
+"""
+EXIT_WAIT = 5.0  # how long to wait for an exit status once the output has ended
+
+
+def agent_source():
+    """The agent as one script: ``sinks.py`` then ``agent.py`` (which imports it when packaged)."""
+    here = Path(__file__).parent
+    return (here / "sinks.py").read_bytes() + b"\n" + (here / "agent.py").read_bytes()
+
+
+def agent_argv(python, source):
+    """The command line of an agent whose ``source`` is sent first on its stdin."""
+    return [python, "-c", BOOTSTRAP % len(source), "kabin-chaincast-agent"]
+
+
+class AgentHandle:
+    """One running agent: commands in, events out on the shared queue."""
+
+    def __init__(self, node, events):
+        self.node, self.events = node, events
+        self.pid = None
+        self._lock = threading.Lock()
+        self._closed = False
+
+    def start_reader(self, lines):
+        threading.Thread(target=self._read, args=(lines,), daemon=True,
+                         name=f"kabin-chaincast-{self.node}").start()
+
+    def _read(self, lines):
+        try:
+            for line in lines:
+                try:
+                    event = json.loads(line)
+                except ValueError:
+                    log.debug("%s: agent said %r", self.node, line)
+                    continue
+                if event.get("ev") == "ready":
+                    self.pid = event.get("pid")
+                self.events.put((self.node, event))
+        except (OSError, EOFError) as exc:
+            log.debug("%s: agent output lost: %s", self.node, exc)
+        self.events.put((self.node, {"ev": "exit", "reason": self.exit_reason()}))
+
+    def send(self, obj):
+        """Send one command; False when the agent is gone."""
+        data = (json.dumps(obj) + "\n").encode()
+        with self._lock:
+            if self._closed:
+                return False
+            try:
+                self._write(data)
+                return True
+            except (OSError, EOFError):
+                return False
+
+    def close(self):
+        """End the agent: its stdin closes, so it exits."""
+        with self._lock:
+            if self._closed:
+                return
+            self._closed = True
+        self._close()
+
+
+class _LocalHandle(AgentHandle):
+    def __init__(self, node, events, proc):
+        super().__init__(node, events)
+        self.proc = proc
+
+    def _write(self, data):
+        self.proc.stdin.write(data)
+        self.proc.stdin.flush()
+
+    def exit_reason(self):
+        try:
+            code = self.proc.wait(EXIT_WAIT)
+        except subprocess.TimeoutExpired:
+            return "agent stopped answering"
+        return _describe_exit(code, self.proc.stderr.read().decode("utf-8", "replace"))
+
+    def kill(self):
+        self.proc.kill()
+
+    def _close(self):
+        try:
+            self.proc.stdin.close()
+        except OSError:
+            pass
+
+
+class LocalLauncher:
+    """Runs agents as local processes (``python`` defaults to this interpreter)."""
+
+    def __init__(self, python=None):
+        self.python = python or sys.executable
+
+    def start(self, node, job, events, timeout):
+        source = agent_source()
+        proc = subprocess.Popen(agent_argv(self.python, source), stdin=subprocess.PIPE,
+                                stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+        handle = _LocalHandle(node, events, proc)
+        handle._write(source + (json.dumps(job) + "\n").encode())
+        handle.start_reader(proc.stdout)
+        return handle
+
+    def close(self):
+        pass
+
+
+class _SshHandle(AgentHandle):
+    def __init__(self, node, events, channel, pool):
+        super().__init__(node, events)
+        self.channel, self.pool = channel, pool
+
+    def _write(self, data):
+        self.channel.sendall(data)
+
+    def exit_reason(self):
+        channel = self.channel
+        if not channel.status_event.wait(EXIT_WAIT):
+            return "ssh connection lost"
+        if channel.exit_status < 0:  # sshd reported a signal, not a status
+            return "agent ended (killed by a signal)"
+        err = b""
+        while channel.recv_stderr_ready():
+            err += channel.recv_stderr(65536)
+        return _describe_exit(channel.exit_status, err.decode("utf-8", "replace"))
+
+    def kill(self):
+        """Kill a stalled agent (best effort, in the background)."""
+        if self.pid:
+            threading.Thread(target=self._kill, daemon=True).start()
+
+    def _kill(self):
+        try:
+            self.pool.run(self.node, f"kill -9 {int(self.pid)}", timeout=10)
+        except (KabinError, OSError) as exc:  # the node may be gone: nothing more to do
+            log.debug("%s: cannot kill the agent: %s", self.node, exc)
+
+    def _close(self):
+        self.channel.close()
+
+
+class SshLauncher:
+    """Runs agents on the nodes through an ``SshPool``."""
+
+    def __init__(self, pool, python="python3"):
+        self.pool, self.python = pool, python
+
+    def start(self, node, job, events, timeout):
+        source = agent_source()
+        command = " ".join(shlex.quote(a) for a in agent_argv(self.python, source))
+        channel = self.pool.open(node, "exec " + command, timeout)
+        handle = _SshHandle(node, events, channel, self.pool)
+        try:
+            handle._write(source + (json.dumps(job) + "\n").encode())
+        except (OSError, EOFError) as exc:
+            channel.close()
+            raise OSError(f"cannot send the agent: {exc}") from None
+        channel.settimeout(None)  # the broadcast watches heartbeats; close() wakes the reader
+        handle.start_reader(channel.makefile("r"))
+        return handle
+
+    def close(self):
+        self.pool.close()
+
+
+def _describe_exit(code, stderr):
+    last = stderr.strip().splitlines()[-1:] or [""]
+    what = f"killed by signal {-code}" if code < 0 else f"exit code {code}"
+    return f"agent ended ({what})" + (f": {last[0][:200]}" if last[0] else "")

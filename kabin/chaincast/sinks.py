@@ -1,0 +1,216 @@
+"""What a relay agent does with the stream: decompress it, extract or write it.
+
+Standard library only (3.7+), plus ``zstandard`` when present (else the
+``zstd`` command): this file is sent to the nodes ahead of ``agent.py``.
+
+Tar extraction uses Python's tarfile with our own checks (``safe_member``)
+rather than the node's tar: the checks are explicit and tested, and do not
+depend on which tar (GNU, busybox) the deployment environment ships. Absolute
+names are made relative (as GNU tar does), names leaving the destination are
+refused, nothing is ever written through a symlink leading out of it, hard
+links must point inside it, and an existing file is replaced, never written
+through. Ownership (numeric ids), modes (setuid included) and times are kept.
+An unsafe member fails the node (the node keeps relaying). What tarfile does
+not restore: extended attributes (file capabilities, SELinux labels).
+"""
+
+import copy
+import os
+import stat
+import tarfile
+import threading
+
+CHUNK = 256 * 1024
+
+
+class Aborted(Exception):
+    """The agent is shutting down."""
+
+
+class UnsafeMember(Exception):
+    """A tar member that would be written outside the destination."""
+
+
+def drain(stream):
+    """Read ``stream`` to its end."""
+    while stream.read(1 << 20):
+        pass
+
+
+# ---------------------------------------------------------------- decompression
+
+
+def decompressed(raw, compression):
+    """A file-like object giving the decompressed stream of ``raw``."""
+    if compression == "none":
+        return raw
+    if compression == "gzip":
+        import gzip
+        return gzip.GzipFile(fileobj=raw, mode="rb")
+    if compression == "bzip2":
+        import bz2
+        return bz2.BZ2File(raw)
+    if compression == "xz":
+        import lzma
+        return lzma.LZMAFile(raw)
+    if compression == "zstd":
+        try:
+            import zstandard
+        except ImportError:
+            return CommandReader(raw, ["zstd", "-dc"])
+        reader = zstandard.ZstdDecompressor(max_window_size=1 << 31)
+        try:
+            return reader.stream_reader(raw, read_across_frames=True)
+        except TypeError:  # zstandard < 0.17 reads one frame only: use the command
+            return CommandReader(raw, ["zstd", "-dc"])
+    raise ValueError(f"unknown compression {compression!r}")
+
+
+class CommandReader:
+    """Decompress through an external command (zstd without the python module)."""
+
+    def __init__(self, raw, argv):
+        import subprocess
+        try:
+            self.proc = subprocess.Popen(argv, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                                         stderr=subprocess.PIPE)
+        except OSError as exc:
+            raise OSError(f"cannot run {argv[0]} (and no python zstandard module): "
+                          f"{exc.strerror}") from None
+        self.argv = argv
+        threading.Thread(target=self._feed, args=(raw,), daemon=True).start()
+
+    def _feed(self, raw):
+        try:
+            for data in iter(lambda: raw.read(CHUNK), b""):
+                self.proc.stdin.write(data)
+        except (OSError, Aborted):
+            pass  # the command failed: read() reports its status
+        finally:
+            try:
+                self.proc.stdin.close()
+            except OSError:
+                pass
+
+    def read(self, size=-1):
+        data = self.proc.stdout.read(size if size and size > 0 else CHUNK)
+        if not data and self.proc.wait() != 0:
+            err = self.proc.stderr.read().decode("utf-8", "replace").strip()
+            why = err.splitlines()[-1] if err else f"exit code {self.proc.returncode}"
+            raise OSError(f"{self.argv[0]} failed: {why}")
+        return data
+
+
+# ---------------------------------------------------------------- sinks
+
+
+def _inside(path, root):
+    return path == root or path.startswith(root.rstrip(os.sep) + os.sep)
+
+
+def safe_member(member, root):
+    """Check ``member`` just before it is extracted under ``root`` (a real path).
+
+    Returns the member to extract (leading '/' removed); raises UnsafeMember.
+    Runs against the tree as extracted so far, so links made by earlier
+    members are taken into account.
+    """
+    name = member.name.lstrip("/") or "."
+    target = os.path.normpath(os.path.join(root, name))
+    if not _inside(target, root) or (target == root and not member.isdir()):
+        raise UnsafeMember(f"member {member.name!r} leaves the destination")
+    if target != root and not _inside(os.path.realpath(os.path.dirname(target)), root):
+        raise UnsafeMember(f"member {member.name!r} would be written through a link leading "
+                           "out of the destination")
+    safe = copy.copy(member)
+    safe.name = name
+    if member.islnk():
+        safe.linkname = member.linkname.lstrip("/")
+        if not _inside(os.path.realpath(os.path.join(root, safe.linkname)), root):
+            raise UnsafeMember(f"hard link {member.name!r} points out of the destination "
+                               f"({member.linkname!r})")
+    if target != root and os.path.lexists(target):
+        _clear(target, member)
+    return safe
+
+
+def _clear(target, member):
+    """Remove what is at ``target`` so extraction never writes through it."""
+    is_dir = stat.S_ISDIR(os.lstat(target).st_mode)
+    if is_dir and not member.isdir():
+        raise UnsafeMember(f"member {member.name!r} would replace a directory")
+    if not is_dir:
+        os.unlink(target)
+
+
+def extract_tar(stream, dest):
+    """Extract a tar stream into ``dest`` with ``safe_member`` checks; returns the member count."""
+    os.makedirs(dest, exist_ok=True)
+    root = os.path.realpath(dest)
+    count = [0]
+
+    def checked(archive):
+        for member in archive:
+            count[0] += 1
+            yield safe_member(member, root)
+
+    with tarfile.open(fileobj=stream, mode="r|", bufsize=1 << 20) as archive:
+        archive.copybufsize = 1 << 20
+        options = {"numeric_owner": True}
+        if hasattr(tarfile, "fully_trusted_filter"):  # our checks replace tarfile's filters
+            options["filter"] = "fully_trusted"
+        archive.extractall(root, members=checked(archive), **options)
+    sync_filesystem(root)
+    return count[0]
+
+
+def write_blocks(stream, dest):
+    """Write the stream to a block device or a file (``dd``)."""
+    existing = os.stat(dest).st_mode if os.path.exists(dest) else 0
+    flags = os.O_WRONLY
+    if not (stat.S_ISBLK(existing) or stat.S_ISCHR(existing)):
+        flags |= os.O_CREAT | os.O_TRUNC
+    fd = os.open(dest, flags, 0o644)
+    try:
+        _copy_to_fd(stream, fd)
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def store_file(raw, dest):
+    """Store the stream as it is (no decompression), atomically."""
+    parent = os.path.dirname(os.path.abspath(dest))
+    os.makedirs(parent, exist_ok=True)
+    tmp = f"{dest}.kabin-part"
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+    try:
+        _copy_to_fd(raw, fd)
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+    os.replace(tmp, dest)
+
+
+def _copy_to_fd(stream, fd):
+    while True:
+        data = stream.read(1 << 20)
+        if not data:
+            return
+        view = memoryview(data)
+        while view:
+            view = view[os.write(fd, view):]
+
+
+def sync_filesystem(path):
+    """Flush the filesystem holding ``path`` (syncfs when the C library has it)."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        import ctypes
+        libc = ctypes.CDLL(None, use_errno=True)
+        if libc.syncfs(fd) != 0:
+            os.sync()
+    except (ImportError, AttributeError, OSError):
+        os.sync()
+    finally:
+        os.close(fd)

@@ -1,0 +1,1 @@
+"""ka-testbed: a real local cluster (nodes with sshd and disks, IPMI BMCs, PXE-driven boot)."""

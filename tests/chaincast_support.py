@@ -1,0 +1,67 @@
+"""Helpers shared by the ka-chaincast tests: images and tree digests."""
+
+import bz2
+import gzip
+import hashlib
+import lzma
+import os
+
+import zstandard
+
+
+def compress(kind, data):
+    half = len(data) // 2
+    if kind == "gzip":  # two members, as pigz or cat a.gz b.gz make
+        return gzip.compress(data[:half]) + gzip.compress(data[half:])
+    if kind == "bzip2":
+        return bz2.compress(data[:half]) + bz2.compress(data[half:])
+    if kind == "xz":
+        return lzma.compress(data)
+    if kind == "zstd":  # two frames
+        cctx = zstandard.ZstdCompressor()
+        return cctx.compress(data[:half]) + cctx.compress(data[half:])
+    return data
+
+
+def make_tree(root):
+    """A small system-like tree: random and compressible files, links, modes."""
+    (root / "usr/bin").mkdir(parents=True)
+    (root / "etc").mkdir()
+    (root / "usr/bin/big").write_bytes(os.urandom(3 << 20))
+    (root / "usr/bin/zeros").write_bytes(bytes(2 << 20))
+    (root / "usr/bin/tool").write_bytes(b"#!/bin/sh\necho tool\n")
+    os.chmod(root / "usr/bin/tool", 0o4755)
+    for i in range(50):
+        (root / "etc" / f"conf{i}").write_text(f"setting {i}\n" * (i + 1))
+    os.symlink("/usr/bin/tool", root / "etc/abs-link")
+    os.symlink("../usr/bin/big", root / "etc/rel-link")
+    os.link(root / "usr/bin/tool", root / "usr/bin/tool-again")
+
+
+def tree_digest(root):
+    """One digest of names, types, modes, owners, link targets and contents under ``root``."""
+    digest = hashlib.sha256()
+    for path in sorted(p for p in root.rglob("*")):
+        st = path.lstat()
+        digest.update(f"{path.relative_to(root)} {st.st_mode:o} {st.st_uid} {st.st_gid}\n".encode())
+        if path.is_symlink():
+            digest.update(os.readlink(path).encode())
+        elif path.is_file():
+            digest.update(hashlib.sha256(path.read_bytes()).digest())
+    return digest.hexdigest()
+
+
+def write_image(tmp_path, raw, compression, name="image"):
+    path = tmp_path / f"{name}.{compression}"
+    path.write_bytes(compress(compression, raw))
+    return path
+
+
+def remote_tree_digest_command(directory):
+    """A shell command printing ``tree_digest(directory)`` on a node (its python3)."""
+    import inspect
+    import shlex
+
+    code = ("import hashlib, os, sys\nfrom pathlib import Path\n"
+            + inspect.getsource(tree_digest) + "print(tree_digest(Path(sys.argv[1])))\n")
+    return f"python3 -c {shlex.quote(code)} {shlex.quote(directory)}"

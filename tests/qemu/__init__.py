@@ -1,0 +1,1 @@
+"""Helpers of the PXE tests: test configurations and real firmware under QEMU."""
