@@ -14,8 +14,8 @@ Brings up a testbed instance of ``--nodes`` nodes and measures, in one run:
     nodes every ``--sleep`` s (a copy of the instance's configuration with these
     windows). Its lower bound is the window schedule's (the last group cannot
     start before (ceil(n / size) - 1) * sleep) plus t1. Reported: time, bound,
-    ratio; and, from the BMC journal (hard levels), the start of each group and
-    the largest number of actions started within one ``sleep`` interval.
+    ratio; and, from the BMC journal (hard levels), the actions grouped in time
+    beside the window schedule.
 
 Always runs ``ka-testbed down --instance NAME`` at the end unless --keep.
 """
@@ -60,23 +60,21 @@ def windowed_config(source, directory, size, sleep):
     return target
 
 
-def journal_groups(journal, since, nodes, sleep):
-    """Start times (relative) of the BMC actions on ``nodes`` after ``since``, grouped."""
-    starts = []
-    for line in Path(journal).read_text().splitlines():
-        entry = json.loads(line)
-        if entry["time"] >= since and entry["node"] in nodes and entry["action"] != "bootdev":
-            starts.append(entry["time"])
-    starts.sort()
-    if not starts:
-        return [], 0
-    busiest = max(sum(1 for t in starts if s <= t < s + sleep) for s in starts)
-    groups, first = [], starts[0]
+def journal_groups(journal, since, nodes):
+    """BMC actions on ``nodes`` after ``since``, grouped: [(start relative to the first, count)].
+
+    A group is a run of actions less than 0.5 s apart.
+    """
+    starts = sorted(e["time"] for e in map(json.loads, Path(journal).read_text().splitlines())
+                    if e["time"] >= since and e["node"] in nodes and e["action"] != "bootdev")
+    groups = []
     for t in starts:
-        if not groups or t - groups[-1][0] >= sleep / 2:
-            groups.append([t - first, 0])
-        groups[-1][1] += 1
-    return groups, busiest
+        if groups and t - groups[-1][2] < 0.5:
+            groups[-1][1] += 1
+            groups[-1][2] = t
+        else:
+            groups.append([t, 1, t])
+    return [(start - starts[0], count) for start, count, _ in groups]
 
 
 def main():
@@ -128,8 +126,7 @@ def bench(args):
     schedule = reboot.schedule_lower_bound(len(group), args.window, args.sleep)
     bound = schedule + t1
     journal = STATE / args.instance / "bmc.log"
-    groups, busiest = journal_groups(journal, since, set(group), args.sleep) \
-        if journal.exists() else ([], 0)
+    groups = journal_groups(journal, since, set(group)) if journal.exists() else []
 
     print(f"power status, {args.nodes} BMCs: {status_time:.2f} s (median of {args.rounds}; "
           f"target <= 5 s: {'met' if status_time <= 5 else 'NOT met'})")
@@ -138,10 +135,9 @@ def bench(args):
           f"{args.sleep:g} s: {total:.2f} s; lower bound {bound:.2f} s "
           f"(schedule {schedule:.2f} s + t1); ratio {total / bound:.2f}; KO: {len(ko)}")
     if groups:
-        print("BMC journal: groups (start s, actions): "
-              + ", ".join(f"({start:.2f}, {count})" for start, count in groups)
-              + f"; most actions started within {args.sleep:g} s: {busiest} "
-              f"(window size {args.window})")
+        print(f"BMC journal: {sum(c for _, c in groups)} actions in {len(groups)} groups "
+              f"(start s, actions): " + ", ".join(f"({s:.2f}, {c})" for s, c in groups)
+              + f"; the schedule: {reboot.window_schedule(len(group), args.window, args.sleep)}")
 
 
 if __name__ == "__main__":

@@ -47,7 +47,7 @@ from . import records
 from .config import RemoteOp, eval_timeout
 from .errors import KabinError, UsageError
 from .parallel import Deadline, Executor, Window
-from .ssh import STOP_CHECK, ConnectionLost, SshError, SshPool
+from .ssh import STOP_CHECK, ConnectionLost, SshError, SshPool, set_keepalive
 
 log = logging.getLogger(__name__)
 progress = logging.getLogger("kabin.progress")
@@ -137,14 +137,6 @@ def level_budget(op, boot_timeout, sleep_before_ping, command_timeout):
 
 # ---------------------------------------------------------------- going down, coming back
 
-def _keepalive(sock):
-    idle, interval, count = KEEPALIVE
-    sock.setsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1)
-    sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPIDLE, idle)
-    sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPINTVL, interval)
-    sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPCNT, count)
-
-
 class Sentinel:
     """A TCP connection held to a node's SSH port across a level: its end means the node went down."""
 
@@ -157,7 +149,7 @@ class Sentinel:
             sock = socket.create_connection((self.address, self.port), PROBE_TIMEOUT)
         except OSError:
             return None  # the port is closed: its opening will be the sign
-        _keepalive(sock)
+        set_keepalive(sock, *KEEPALIVE)
         sock.setblocking(False)
         return sock
 
@@ -252,7 +244,7 @@ class _OutOfTime(LevelFailed):
 
 @dataclass
 class Options:
-    """How ``Rebooter`` works; every field has a default from the configuration."""
+    """How ``Rebooter`` works; a field left None takes its value from the configuration."""
 
     operation: str = "reboot"
     levels: tuple | None = None          # level names (None: all configured)

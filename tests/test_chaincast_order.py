@@ -104,19 +104,19 @@ def test_writes_stuck_while_the_parent_has_sent_everything():
     topo = Topology(order.layout(["a", "b", "c"]))
     states = {SOURCE: {"fwd": {"a": [100, 0]}}, "a": _state(b=0),
               "b": {"recv": 10, "recv_idle": 0, "sink_idle": 31, "fwd": {"c": [10, 0]}},
-              "c": {"recv": 10, "recv_idle": 31, "sink_idle": 0, "fwd": {}}}
+              "c": {"recv": 10, "recv_idle": 61, "sink_idle": 0, "fwd": {}}}
     assert stalled_nodes(topo, states, 30) == [("b", "stalled: its writes made no progress for 31 s")]
 
 
 def _in_flight(sent, received):
     return {SOURCE: {"fwd": {"a": [sent, 0]}}, "a": {"recv": sent, "fwd": {"b": [sent, 0]}},
-            "b": {"recv": received, "recv_idle": 31, "sink_idle": 0, "fwd": {}}}
+            "b": {"recv": received, "recv_idle": 61, "sink_idle": 0, "fwd": {}}}
 
 
 def test_data_in_flight_that_never_arrives():
     topo = Topology(order.layout(["a", "b"]))
     assert stalled_nodes(topo, _in_flight(10 << 20, 6 << 20), 30) == [
-        ("b", "stalled: data sent to it did not arrive for 30 s")]
+        ("b", "stalled: data sent to it did not arrive for 60 s")]
 
 
 def test_less_than_a_batch_in_flight_is_not_a_stall():

@@ -8,9 +8,14 @@ import pytest
 from kabin import exec as exec_mod
 from kabin import records
 
-from test_ssh import config_copy, up  # noqa: F401  (the fixture 'up')
+from test_ssh import bring_up, config_copy
 
 pytestmark = pytest.mark.testbed
+
+
+@pytest.fixture
+def up(testbed):
+    return bring_up(testbed)
 
 MIXED = """case $KABIN_NODE in
 node-1|node-2) echo fine ;;

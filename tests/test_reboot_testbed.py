@@ -12,9 +12,14 @@ import pytest
 
 from kabin import records, reboot
 
-from test_ssh import config_copy, up  # noqa: F401  (the fixture 'up')
+from test_ssh import bring_up, config_copy
 
 pytestmark = pytest.mark.testbed
+
+
+@pytest.fixture
+def up(testbed):
+    return bring_up(testbed)
 
 
 def ka_reboot(testbed, *argv, stdin=None, config=None):

@@ -54,12 +54,13 @@ def profile_path(testbed, node, method):
 
 
 @contextlib.contextmanager
-def pxe_method(testbed, method):
+def pxe_method(testbed, method, local_method=None):
     """Switch the instance's cluster to ``method`` (what its DHCP server tells the nodes)."""
     path = testbed.config_dir / "cluster-local.yml"
     original = path.read_text()
     data = yaml.safe_load(original)
     data["pxe"]["method"] = method
+    data["pxe"]["local_method"] = local_method or method
     path.write_text(yaml.safe_dump(data, sort_keys=False))
     try:
         yield
@@ -242,6 +243,25 @@ def test_boot_follows_the_profile(testbed, systems, restored, method):
                 assert "ID=" in os_release(testbed, node)     # the host's system
             else:
                 assert not port_open(testbed.address(node), 22)
+
+
+@pytest.mark.parametrize("method, local_method", [("pxelinux", "pxelinux"), ("ipxe", "pxelinux"),
+                                                  ("grub", "grub"), ("ipxe", "grub")])
+def test_profiles_written_by_ka_pxe_boot(testbed, systems, restored, method, local_method):
+    node = systems
+    restored(node)
+
+    def ka_pxe(*args):
+        done = subprocess.run(["ka-pxe", *args, "-m", node], capture_output=True, text=True,
+                              env=testbed.env, timeout=60)
+        assert done.returncode == 0, done.stderr
+
+    with pxe_method(testbed, method, local_method):
+        ka_pxe("set", "local", "--partition", "3")
+        reboot_into(testbed, node, "system:3")
+        ka_pxe("set", "deploy")
+        reboot_into(testbed, node, "deploy")
+        ka_pxe("clear")
 
 
 def test_a_missing_kernel_does_not_boot(testbed, systems, restored):

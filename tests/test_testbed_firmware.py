@@ -97,6 +97,30 @@ def test_ipxe_needs_its_shebang_and_loops_end(roots):
     assert isinstance(loop, NoBoot) and "chained" in loop.reason
 
 
+def test_loaders_chain_to_each_other(roots):
+    pxe, _ = roots
+    local = "DEFAULT l\nLABEL l\n  COM32 chain.c32\n  APPEND hd0 3\n"
+    (pxe / "pxelinux.cfg" / "other").write_text(local)
+    (pxe / "ipxe" / "n1").write_text("#!ipxe\nsanboot --no-describe --drive 0x80\n")
+    (pxe / "grub" / "grub.cfg-n1").write_text("menuentry g {\n  set root=(hd0,msdos4)\n"
+                                             "  chainloader +1\n}\n")
+    # iPXE tells PXELINUX its file through DHCP option 209 (with 210, its prefix)
+    chain = ("#!ipxe\nset 209:string pxelinux.cfg/other\nset 210:string tftp://${next-server}/\n"
+             "chain tftp://${next-server}/pxelinux.0\n")
+    assert boot(roots, "ipxe", "n2", chain) == LocalBoot(3)
+    # PXELINUX and GRUB load iPXE as a kernel: its initrd or its command line is its script
+    to_ipxe = "DEFAULT k\nLABEL k\n  KERNEL ipxe.lkrn\n  INITRD ipxe/n1\n"
+    assert boot(roots, "pxelinux", "n1", to_ipxe) == LocalBoot(None)
+    grub_to_pxelinux = ("menuentry c {\n  linux16 /ipxe.lkrn dhcp \\&\\& set 209:string "
+                        "pxelinux.cfg/other \\&\\& chain tftp://\\$\\{next-server\\}/pxelinux.0\n}\n")
+    assert boot(roots, "grub", "n3", grub_to_pxelinux) == LocalBoot(3)
+    # PXELINUX runs GRUB as a PXE image; GRUB's dispatcher finds the node's file by $prefix
+    assert boot(roots, "pxelinux", "n1", "DEFAULT g\nLABEL g\n  PXE grub/i386-pc/core.0\n") == \
+        LocalBoot(4)
+    assert boot(roots, "grub", "n9", "configfile $prefix/grub.cfg-n1\n",
+                file="grub/grub.cfg") == LocalBoot(4)
+
+
 def test_grub_default_entry_and_kernels(roots):
     text = ("set default=1\nset timeout=0\nmenuentry 'local' {\n  set root=(hd0,msdos3)\n"
             "  chainloader +1\n}\nmenuentry \"deploy\" --id dep {\n  linux /kernels/k console=ttyS0\n"
@@ -152,7 +176,8 @@ def test_other_instances_have_their_own_ranges_and_dirs():
     lay = layout.Layout("alice", 3, 4, netns=True)
     assert lay.node_address(1) == "10.3.1.2" and lay.bmc_address(1) == "127.3.2.2"
     assert lay.pxe_root == layout.TESTBED_ROOT / "alice" / "tftpboot"
-    assert lay.node_netns(0) == "kt-alice-node-1"
+    assert lay.node_netns(0) == "kt-alice.node-1"
+    assert not layout.Layout("alice-2", 4, 1).node_netns(0).startswith(lay.netns_prefix)
     with pytest.raises(UsageError):
         lay.index_of("node-5")
     with pytest.raises(UsageError):

@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 
 from kabin.errors import SystemRequirementError, UsageError
-from kabin.testbed import disks, lifecycle, netns
+from kabin.testbed import disks, layout, lifecycle, netns
 from kabin.testbed.instance import Testbed
 
 pytestmark = pytest.mark.testbed
@@ -31,7 +31,7 @@ def leftovers(name, directory):
     mounts = [line.split()[4] for line in Path("/proc/self/mountinfo").read_text().splitlines()
               if line.split()[4].startswith(str(directory))]
     return {"processes": processes, "loops": list(disks.loops_under(directory)),
-            "netns": netns.existing(f"kt-{name}-"), "mounts": mounts,
+            "netns": netns.existing(layout.netns_prefix(name)), "mounts": mounts,
             "files": directory.exists()}
 
 

@@ -56,7 +56,9 @@ def stalled_nodes(topology, states, limit):
     seconds while data waited for them; or when its parent has had data for
     it that long without it taking any (we then follow blocked children down
     to the node that blocks without being blocked); or when bytes its parent
-    sent have not arrived for that long (a dead link).
+    sent have not arrived for twice that long (a dead link: reports are not
+    taken at the same instant, so this rule waits until a silent parent has
+    surely been found by its missing heartbeats).
     """
     found = {}
     for node in topology.parent:
@@ -70,8 +72,9 @@ def stalled_nodes(topology, states, limit):
             if _forward_idle(states.get(sender), kid) > limit:
                 node, reason = _culprit(topology, states, kid, limit)
                 found.setdefault(node, reason)
-            elif _undelivered(states.get(sender), kid, states.get(kid), limit):
-                found.setdefault(kid, f"stalled: data sent to it did not arrive for {limit:.0f} s")
+            elif _undelivered(states.get(sender), kid, states.get(kid), 2 * limit):
+                found.setdefault(kid, f"stalled: data sent to it did not arrive for "
+                                      f"{2 * limit:.0f} s")
     return list(found.items())
 
 

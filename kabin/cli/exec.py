@@ -53,7 +53,7 @@ def cli(command, script, sends, export_env, target, gather, fanout, timeout, **o
     output = exec_mod.execute(config, common.read_input(opts), job, fanout, target)
     if gather:
         return _write_gathered(opts, output)
-    return common.emit(opts, output, columns=("rc",))
+    return common.emit(opts, output, columns=("rc", "stdout"))
 
 
 def _read_script(path):

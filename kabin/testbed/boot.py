@@ -13,7 +13,7 @@ from pathlib import Path
 from . import disks, firmware
 
 NETWORK_DEVICES = (None, "network", "pxe", "default")
-DISK_DEVICES = ("hd", "disk")
+DISK_DEVICES = ("hd", "disk", "safe")
 
 
 @dataclass(frozen=True)

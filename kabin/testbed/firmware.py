@@ -13,11 +13,16 @@ Where a node looks (``pxe_root`` is the TFTP root; NAME from the cluster's
 
 What it understands: PXELINUX ``DEFAULT``/``ONTIMEOUT``/``LABEL``, ``KERNEL``/
 ``LINUX``, ``APPEND`` (with ``initrd=``), ``INITRD``, ``COM32 chain.c32`` with
-``APPEND hd0 P`` (partition P; ``hd0`` alone: the disk's MBR), ``LOCALBOOT``;
-iPXE ``kernel``/``initrd``/``imgargs``/``boot``, ``chain`` (to a kernel, another
-script, pxelinux.0 or a GRUB image), ``sanboot``/``exit`` (the local disk);
-GRUB ``menuentry``, ``set default``, ``set root=(hd0,msdos3)``, ``linux``,
-``initrd``, ``chainloader +1``, ``configfile``, ``exit``.
+``APPEND hd0 P`` (partition P; ``hd0`` alone: the disk's MBR), ``LOCALBOOT``,
+``PXE`` (another boot program); iPXE ``kernel``/``initrd``/``imgargs``/``boot``,
+``chain`` (to a kernel, another script, pxelinux.0 -- with the file DHCP option
+209 names, if ``set 209:string`` did -- or a GRUB image), ``sanboot``/``exit``
+(the local disk); GRUB ``menuentry``, ``set default``, ``set root=(hd0,msdos3)``,
+``linux``, ``initrd``, ``chainloader +1``, ``configfile`` (``$prefix`` is
+(tftp)/grub), ``exit``. iPXE loaded as a kernel (``ipxe.lkrn``, by PXELINUX or
+GRUB) runs its initrd, or its command line, as its script. Boot programs
+(pxelinux.0, chain.c32, ipxe.lkrn, core.0) need not be in pxe_root: the emulator
+knows them by name.
 
 Paths are relative to pxe_root (``tftp://host/p`` and GRUB's ``(tftp)/p`` too);
 iPXE's ``http://host/p`` is http_root/p. The outcome is a Kernel, a LocalBoot
@@ -126,6 +131,7 @@ class _Firmware:
     def __init__(self, pxe_root, http_root, name):
         self.pxe_root, self.http_root, self.name = pxe_root, http_root, name
         self.hops = 0
+        self.dhcp = {}     # DHCP options iPXE sets for a chained PXELINUX (209: its file)
 
     def boot(self, method):
         """Read the node's profile for ``method`` (or the default one) and follow it."""
@@ -170,6 +176,11 @@ class _Firmware:
         """iPXE's chain / GRUB's chainloader to a file: another firmware, a script, a kernel."""
         base = PurePosixPath(ref).name.lower()
         if base in PXELINUX_IMAGES:
+            if "209" in self.dhcp:      # the configuration file iPXE told it
+                ref = self.dhcp.get("210", "") + self.dhcp["209"]
+                text = self.read_text(self.locate(ref))
+                return NoBoot(f"{ref}: file not found") if text is None \
+                    else self.run("pxelinux", text, ref)
             return self.boot("pxelinux")
         if base in GRUB_IMAGES:
             return self.boot("grub")
@@ -180,6 +191,17 @@ class _Firmware:
         if text.startswith("#!ipxe"):
             return self.run("ipxe", text, path)
         return Kernel(path, initrd, args, source=ref)
+
+    def ipxe_image(self, script, cmdline, source):
+        """iPXE loaded as a kernel (ipxe.lkrn): its initrd is its script, else its
+        command line is (commands joined by &&)."""
+        if script:
+            text = self.read_text(self.locate(script))
+            if text is None:
+                return NoBoot(f"{script}: file not found")
+            return self.run("ipxe", text, script)
+        lines = [part.strip() for part in cmdline.split("&&")]
+        return self.run("ipxe", "\n".join(["#!ipxe"] + lines), source)
 
     # ------------------------------------------------ PXELINUX
 
@@ -211,17 +233,24 @@ class _Firmware:
             return LocalBoot(None)
         append = entry.get("append", default_append)
         append = "" if append == "-" else append
+        if "pxe" in entry:                      # PXE image: another network boot program
+            return self.chain(entry["pxe"])
         image = entry.get("com32") or entry.get("kernel") or entry.get("linux")
         if not image:
             return NoBoot(f"{source}: the label boots nothing")
-        if PurePosixPath(image).name.lower() == "chain.c32":
+        base = PurePosixPath(image).name.lower()
+        if base == "chain.c32":
             return _chain_c32(append.split())
-        if image.lower().endswith(".c32"):
+        if base.endswith(".c32"):
             return NoBoot(f"{source}: module {image} is not supported by the testbed")
+        if base in PXELINUX_IMAGES + GRUB_IMAGES:
+            return self.chain(image)
         words = append.split()
         initrds = [w[len("initrd="):] for w in words if w.startswith("initrd=")]
         initrd = entry.get("initrd") or (initrds[0].split(",")[0] if initrds else None)
         cmdline = " ".join(w for w in words if not w.startswith("initrd="))
+        if base.endswith(".lkrn"):
+            return self.ipxe_image(initrd, cmdline, image)
         return Kernel(self.locate(image), self.locate(initrd) if initrd else None, cmdline,
                       source=image)
 
@@ -243,6 +272,8 @@ class _Firmware:
                 initrd = self.locate(operands[0]) if operands else None
             elif command == "imgargs" and len(operands) > 1:
                 args = " ".join(operands[1:])
+            elif command == "set" and len(operands) > 1:
+                self.dhcp[operands[0].split(":")[0]] = operands[1]
             elif command in ("chain", "imgexec"):
                 return self.chain(operands[0], " ".join(operands[1:]), initrd)
             elif command == "boot":
@@ -272,6 +303,7 @@ class _Firmware:
         return self._grub_entry(chosen[1], source)
 
     def _grub_configfile(self, ref):
+        ref = ref.replace("${prefix}", "(tftp)/grub").replace("$prefix", "(tftp)/grub")
         text = self.read_text(self.locate(ref))
         if text is None:
             return NoBoot(f"configfile {ref}: file not found")
@@ -296,6 +328,8 @@ class _Firmware:
                 return LocalBoot(None)
         if kernel is None:
             return NoBoot(f"{source}: the entry boots nothing")
+        if PurePosixPath(kernel).name.lower().endswith(".lkrn"):
+            return self.ipxe_image(initrd, cmdline, kernel)
         device = re.match(r"\([^)]*\)", kernel)
         where = _grub_partition(device.group(0)) if device else root
         if where == 0:

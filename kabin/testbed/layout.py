@@ -156,7 +156,7 @@ class Layout:
 
     @property
     def netns_prefix(self):
-        return f"kt-{self.name}-"
+        return netns_prefix(self.name)
 
     @property
     def frontend_netns(self):
@@ -168,6 +168,12 @@ class Layout:
 
     def node_netns(self, index):
         return f"{self.netns_prefix}{self.node_name(index)}"
+
+
+def netns_prefix(name):
+    """What the names of instance ``name``'s network namespaces start with ('.' is in no
+    instance name, so no instance's prefix is another's)."""
+    return f"kt-{name}."
 
 
 def switch_groups(size, switches):

@@ -80,7 +80,11 @@ def testbed_lock():
     """Serializes ups and downs on this machine (slots, instance directories)."""
     layout_mod.TESTBED_ROOT.mkdir(parents=True, exist_ok=True)
     with open(layout_mod.TESTBED_ROOT / ".lock", "w") as handle:
-        fcntl.flock(handle, fcntl.LOCK_EX)
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            progress.info("waiting for another ka-testbed up or down to finish")
+            fcntl.flock(handle, fcntl.LOCK_EX)
         yield
 
 
@@ -304,7 +308,7 @@ def down(name=layout_mod.DEFAULT):
     with testbed_lock():
         state = read_state(name)
         if state is None and not layout_mod.instance_dir(name).exists() \
-                and not netns.existing(f"kt-{name}-"):
+                and not netns.existing(layout_mod.netns_prefix(name)):
             return False
         _teardown(name, state or {})
         return True
@@ -317,7 +321,7 @@ def _teardown(name, state):
     _kill_processes(directory)
     for loop in disks.loops_under(directory):
         disks.detach(loop)
-    netns.delete(f"kt-{name}-")
+    netns.delete(layout_mod.netns_prefix(name))
     _unmount_under(directory)
     for path in reversed(state.get("created", [])):
         _remove(Path(path))

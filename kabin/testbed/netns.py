@@ -4,7 +4,8 @@
                                                                  | switches netns:
     frontend netns: eth0 (10.S.0.1/16) ==veth== fe in br-core    | br-sJ ==uplink veth
                                                                  / (upJ, dnJ)== br-core
-Every name is prefixed by the instance's (``kt-NAME-``), so instances never meet.
+Namespaces are named ``kt-NAME.frontend``, ``kt-NAME.switches``, ``kt-NAME.node-K``
+(NAME: the instance's), so instances never meet.
 A node link is shaped at both ends (the switch port for what the node receives,
 the node's eth0 for what it sends) with a token bucket (``tbf``): this kernel
 has no netem, so rates only.

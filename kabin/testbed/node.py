@@ -33,8 +33,10 @@ NODE_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
 # what the node's first process exits with (see node/init.sh)
 EXIT_REBOOT, EXIT_POWEROFF, EXIT_HALT, EXIT_SSHD, EXIT_MOUNT, EXIT_NO_SYSTEM = 11, 12, 13, 14, 20, 21
 # the host commands a node must never run: their real path -> the testbed's script
-MASKED = {"/usr/sbin/reboot": "power", "/usr/sbin/poweroff": "power", "/usr/sbin/halt": "power",
-          "/usr/sbin/shutdown": "power", "/usr/bin/systemctl": "power", "/usr/sbin/kexec": "kexec"}
+MASKED = {f"{d}/{c}": "power" for d in ("/usr/sbin", "/sbin")
+          for c in ("reboot", "poweroff", "halt", "shutdown")}
+MASKED.update({"/usr/bin/systemctl": "power", "/bin/systemctl": "power",
+               "/usr/sbin/kexec": "kexec", "/sbin/kexec": "kexec"})
 WRAPPERS = {"reboot": "power.sh", "poweroff": "power.sh", "halt": "power.sh",
             "shutdown": "power.sh", "kexec": "kexec.sh", "partx": "partx.sh", "mount": "mount.sh"}
 CHAR_DEVICES = {"null": (1, 3), "zero": (1, 5), "full": (1, 7), "random": (1, 8),

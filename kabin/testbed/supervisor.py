@@ -17,6 +17,7 @@ import itertools
 import json
 import logging
 import os
+import resource
 import select
 import signal
 import subprocess
@@ -35,6 +36,7 @@ from .faultwork import FaultWork
 log = logging.getLogger(__name__)
 
 SHUTDOWN_TIMEOUT = 10.0
+FILES_PER_NODE = 5     # its console log, its init's output pipe and pidfd, its BMC's socket
 UP = ("deploy", "system")
 
 
@@ -431,6 +433,17 @@ def _take_kexec(node_dir):
     return boot.Loaded(kernel, cmdline, source)
 
 
+def _raise_open_files(needed):
+    """Each node holds a few descriptors open here: 1024, a common soft limit, is few."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft != resource.RLIM_INFINITY and soft < needed:
+        wanted = needed if hard == resource.RLIM_INFINITY else min(needed, hard)
+        resource.setrlimit(resource.RLIMIT_NOFILE, (wanted, hard))
+        if wanted < needed:
+            log.warning("only %d open files allowed, %d nodes need about %d", wanted,
+                        (needed - 64) // FILES_PER_NODE, needed)
+
+
 def main(argv=None):
     argv = sys.argv[1:] if argv is None else argv
     directory, ready_fd = Path(argv[0]), int(argv[1])
@@ -438,6 +451,7 @@ def main(argv=None):
                         format="%(asctime)s %(name)s %(levelname)s %(message)s")
     state = json.loads((directory / layout_mod.STATE_FILE).read_text(encoding="utf-8"))
     lay = layout_mod.Layout(state["name"], state["slot"], state["size"], state["netns"])
+    _raise_open_files(FILES_PER_NODE * lay.size + 64)
     supervisor = Supervisor(lay, state)
     signal.signal(signal.SIGTERM, lambda signum, frame: supervisor.stop())
     with os.fdopen(ready_fd, "w") as ready:
