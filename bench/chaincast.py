@@ -8,19 +8,24 @@ Image: S MB of tar.zst (mostly incompressible files, as an OS image with its
 packages already compressed), built in a temporary directory.
 
 Tiers:
-  netns     ``ka-testbed up --netns --link-rate RATE``: one network namespace per
+  netns     ``ka-testbed up --netns --link-rate RATE`` (instance ``--instance``,
+            brought down at the end unless --keep): one network namespace per
             node, every link shaped (tbf) to B; the sender runs in the frontend's
-            namespace, the agents over SSH on the nodes, writing to their disks.
+            namespace, the agents over SSH on the nodes, extracting into their
+            /mnt/dest. Also measured: one plain TCP stream on a shaped link
+            (what B really carries, S/B_tcp). The killed node: the testbed's
+            fault die-after-bytes=S/2.
   loopback  agents as local processes on 127.0.72.X writing under /dev/shm; the
             links are not shaped, so the source is paced at B instead (only the
             first hop is shaped: what is measured is the pipeline's overhead and
             whether 2 CPUs keep up with N relays at that rate).
 
-For each N (same run): T(N), the ideal S/B, T(N) / (S/B), T(N) / T(2); the
-serial baseline (N one-node broadcasts; ``--serial K`` measures K of them and
-scales to N); one node killed at 50 % of the image (T / fault-free T); then the
-same at ``--big`` nodes and ``--big-rate``. Per relay: CPU seconds per MB and
-peak memory, as the agents report them.
+For each N (same run): T(N) (agents' start over SSH included, shown apart),
+the ideal S/B, T(N) / (S/B), T(N) / T(2); the serial baseline (N one-node
+broadcasts; ``--serial K`` measures K of them and scales to N); one node killed
+at 50 % of the image (T / fault-free T); then the same at ``--big`` nodes and
+``--big-rate``. Per relay: CPU seconds per MB (its decompressing command
+included) and peak memory (VmHWM), as the agents report them.
 Targets (issue 6): T(16) <= 1.10 S/B; T(16)/T(2) <= 1.10; serial / T(16) >= 10;
 killed at 50 %: T <= 1.25 x fault-free. Same targets at 32 nodes, 40 Mbit/s.
 """
@@ -140,12 +145,45 @@ class Netns:
                 self.testbed.wait_booted(victim, "deploy")
             self._clean(names)
 
+    def tcp_rate(self, size):
+        """Bytes per second of one plain TCP stream from here to node-1 (the shaped link's B)."""
+        import socket
+
+        port = PORTS[1]
+        receiver = (f"import socket\ns = socket.create_server(('', {port}))\nc, _ = s.accept()\n"
+                    "while c.recv(1 << 20):\n    pass\nc.close()\n")
+        argv = self.testbed.ssh_argv("node-1", f"exec python3 -c \"{receiver}\"")
+        proc = subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        try:
+            sock = _connect_retrying((self.testbed.address("node-1"), port), timeout=20)
+            start = time.monotonic()
+            with open(self.image.path, "rb") as image:
+                sock.sendfile(image, 0, size)
+            sock.shutdown(socket.SHUT_WR)
+            sock.recv(1)  # the receiver closes once it has read everything
+            return size / (time.monotonic() - start)
+        finally:
+            proc.wait(timeout=30)
+
     def _clean(self, names):
         for name in names:
             self.testbed.ssh(name, f"rm -rf {self.DEST}")
 
     def close(self):
         pass
+
+
+def _connect_retrying(address, timeout):
+    import socket
+
+    end = time.monotonic() + timeout
+    while True:
+        try:
+            return socket.create_connection(address, timeout=timeout)
+        except ConnectionRefusedError:
+            if time.monotonic() > end:
+                raise
+            time.sleep(0.1)  # the receiver is starting over SSH
 
 
 def _timed(job, names):
@@ -160,6 +198,10 @@ def measure(tier, image, count, rate, serial, label):
     ideal = image.size / rate
     print(f"\n== {label}: S = {image.size / MB:.0f} MB, B = {rate * 8 / 1e6:.0f} Mbit/s, "
           f"S/B = {ideal:.1f} s", flush=True)
+    if hasattr(tier, "tcp_rate"):
+        tcp = tier.tcp_rate(image.size)
+        print(f"one plain TCP stream on a shaped link: {tcp * 8 / 1e6:.1f} Mbit/s, "
+              f"S/B_tcp = {image.size / tcp:.1f} s", flush=True)
     times, usage = {}, []
     for n in count:
         t, results, used, startup = tier.run(n, rate)

@@ -99,7 +99,7 @@ def measure(cfg, config_dir, sizes, fanout, rounds, tmp):
 
 def report(results, fanout):
     print(f"\nka-exec -- true vs clush / pdsh (fanout {fanout}, medians; ratio = tool / ka-exec)")
-    print(f"{'nodes':>5}  {'ka-exec':>8}  {'clush':>8}  {'pdsh':>8}  {'clush/ka':>8}  {'pdsh/ka':>8}")
+    print("nodes   ka-exec     clush      pdsh  clush/ka   pdsh/ka")
     for size, r in results.items():
         print(f"{size:5d}  {r['ka-exec']:8.2f}  {r['clush']:8.2f}  {r['pdsh']:8.2f}  "
               f"{r['clush'] / r['ka-exec']:8.2f}  {r['pdsh'] / r['ka-exec']:8.2f}")

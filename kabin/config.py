@@ -10,6 +10,7 @@ expected; unknown keys are errors too, so a typo never goes unnoticed.
 import ast
 import operator
 import os
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -429,6 +430,13 @@ def _bmc_defaults(sec):
     return defaults
 
 
+_HOST = re.compile(r"^[A-Za-z0-9][A-Za-z0-9.:_-]*$")
+_VALUE_PATTERNS = {"address": _HOST, "bmc": _HOST,
+                   "mac": re.compile(r"^[0-9A-Fa-f]{2}([:-][0-9A-Fa-f]{2}){5}$")}
+_VALUE_HELP = {"address": "a host name or an IP address", "bmc": "a host name or an IP address",
+               "mac": "a MAC address such as 02:00:7f:00:01:01"}
+
+
 def _expand_nodes(entry, cluster, bmc, ssh_port):
     try:
         names = nodes.expand(entry.get("names", str))
@@ -441,6 +449,10 @@ def _expand_nodes(entry, cluster, bmc, ssh_port):
             columns[key] = nodes.expand_values(entry.get(key, kind, None), len(names), key)
         except UsageError as exc:
             raise entry.error(key, str(exc)) from None
+        pattern = _VALUE_PATTERNS.get(key)
+        bad = [v for v in columns[key] if v is not None and pattern and not pattern.match(str(v))]
+        if bad:  # these values reach command templates and file names: no shell syntax
+            raise entry.error(key, f"invalid value {bad[0]!r}: expected {_VALUE_HELP[key]}")
     ops = _remoteops(entry.section("remoteops"))
     entry.done()
     result = []

@@ -222,9 +222,9 @@ def gather(records_):
     """Fold records with identical results, as ``clush -b`` does: OK groups first."""
     groups = {}
     for record in records_:
-        ran = "rc" in record
+        error = None if records.is_ok(record) else record.get("error")
         key = (record.get("status", records.OK), record.get("rc"), record.get("stdout", ""),
-               record.get("stderr", ""), None if ran and records.is_ok(record) else record.get("error"))
+               record.get("stderr", ""), error)
         if key not in groups:
             groups[key] = Group(*key)
         groups[key].nodes.append(record["node"])

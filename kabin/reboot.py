@@ -138,7 +138,7 @@ def level_budget(op, boot_timeout, sleep_before_ping, command_timeout):
 # ---------------------------------------------------------------- going down, coming back
 
 class Sentinel:
-    """A TCP connection held to a node's SSH port across a level: its end means the node went down."""
+    """A TCP connection held to a node's SSH port across a level: its end means the node is down."""
 
     def __init__(self, address, port):
         self.address, self.port = address, port

@@ -212,10 +212,10 @@ class SshPool:
 
         ``data`` is bytes, or a local file path whose content is streamed.
         """
-        tmp = f"{dest}.kabin-{threading.get_ident()}"
-        command = (f"mkdir -p {shlex.quote(_dirname(dest))} && cat > {shlex.quote(tmp)} && "
-                   f"chmod {mode:o} {shlex.quote(tmp)} && mv -f {shlex.quote(tmp)} {shlex.quote(dest)}"
-                   f" || {{ rc=$?; rm -f {shlex.quote(tmp)}; exit $rc; }}")
+        tmp = shlex.quote(f"{dest}.kabin-{threading.get_ident()}")
+        command = (f"mkdir -p {shlex.quote(_dirname(dest))} && cat > {tmp} && "
+                   f"chmod {mode:o} {tmp} && mv -f {tmp} {shlex.quote(dest)}"
+                   f" || {{ rc=$?; rm -f {tmp}; exit $rc; }}")
         return self.run(node, command, timeout, stdin=data)
 
 

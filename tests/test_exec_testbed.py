@@ -1,6 +1,7 @@
 """ka-exec on the testbed: mixed results, scripts, sends, KADEPLOY_* variables, gathered view."""
 
 import json
+import re
 import subprocess
 
 import pytest
@@ -54,7 +55,8 @@ def test_mixed_results_on_every_node(up, tmp_path):
     assert out["node-3"]["error"] == "exit code 1: broken"
     assert out["node-4"]["status"] == "ko" and out["node-4"]["rc"] is None
     assert out["node-4"]["error"] == "timeout after 3 s"
-    assert out["node-5"]["error"] == f"ssh to {up.address('node-5')}:22 failed: connection refused"
+    assert re.fullmatch(rf"ssh to {up.address('node-5')}:22 failed: "
+                        r"(connection refused|no SSH handshake: .*reset.*)", out["node-5"]["error"])
     assert "rc" not in out["node-5"]
     assert out["node-6"]["error"].endswith("no SSH handshake within 2 s")
     # completion order: the quick ones come out before the node that hangs

@@ -111,7 +111,8 @@ def test_unreachable_node_raises(up):
     up.wait_booted("node-5", "off", timeout=30)
     with SshPool(up.config, "deploy") as pool:
         # refused; or reset when the connection came while the node's sshd was dying
-        with pytest.raises(SshError, match="failed: (connection refused|no SSH handshake: .*reset)"):
+        with pytest.raises(SshError,
+                           match="failed: (connection refused|no SSH handshake: .*reset)"):
             pool.run("node-5", "true", timeout=10)
 
 

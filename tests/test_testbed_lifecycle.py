@@ -82,8 +82,10 @@ def test_down_cleans_up_after_a_crash(bed):
     with pytest.raises(SystemRequirementError, match="not running"):
         bed.status()
     assert bed.ssh("node-1", "true").returncode != 0          # its nodes went with it
-    bed.up(2, boot_delay=0.5)                                  # up again mends it
+    # up again mends it (here with a fault from the start: node-2 never comes)
+    bed.up(2, boot_delay=0.5, initial_faults=("node-2=never-returns",))
     assert bed.ssh("node-1", "true").returncode == 0
+    assert bed.status()["node-2"]["booted"] == "hung"
     kill_supervisor()
     assert ka_testbed("down").returncode == 0
     assert leftovers(NAME, bed.layout.dir) == NOTHING

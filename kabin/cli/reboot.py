@@ -39,8 +39,8 @@ def cli():
 
 def _level_option(what):
     return click.option("-l", "--level", "levels", metavar="L1[,L2...]",
-                        help=f"Levels tried in order, each when the previous fails "
-                             f"(default: every {what} level of the cluster, e.g. soft,hard,very_hard).")
+                        help=f"Levels tried in order, each when the previous fails (default: "
+                             f"every {what} level of the cluster, e.g. soft,hard,very_hard).")
 
 
 _wait_option = click.option("--wait", type=click.Choice(reboot_mod.WAIT_MODES), default=None,

@@ -23,23 +23,46 @@ _format_option = tabular.format_option
 
 
 def _rows(rows, columns, fmt):
-    tabular.write_rows(rows, columns, fmt)
+    tabular.write_rows(rows, columns, fmt, flatten={"faults": lambda f: ", ".join(f or ())})
+
+
+class _Commands(dict):
+    """The subcommands by name; those of LAZY are imported the first time one is needed."""
+
+    def __missing__(self, name):
+        if name not in LAZY:
+            raise KeyError(name)
+        module, attribute, _ = LAZY[name]
+        self[name] = getattr(importlib.import_module(module), attribute)
+        return self[name]
+
+    def get(self, name, default=None):
+        try:
+            return self[name]
+        except KeyError:
+            return default
+
+    def __contains__(self, name):
+        return name in LAZY or super().__contains__(name)
+
+    def __iter__(self):
+        return iter(sorted(set(super().keys()) | set(LAZY)))
+
+    def items(self):
+        return [(name, self[name]) for name in self]
 
 
 class _Group(click.Group):
-    def list_commands(self, ctx):
-        return sorted(list(super().list_commands(ctx)) + list(LAZY))
-
-    def get_command(self, ctx, name):
-        if name in LAZY:
-            module, attribute, _ = LAZY[name]
-            return getattr(importlib.import_module(module), attribute)
-        return super().get_command(ctx, name)
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.commands = _Commands(self.commands)
 
     def format_commands(self, ctx, formatter):
+        """The list of subcommands, without importing the lazy ones."""
+        names = self.list_commands(ctx)
+        limit = formatter.width - 6 - max(len(name) for name in names)
         rows = [(name, LAZY[name][2] if name in LAZY else
-                 super(_Group, self).get_command(ctx, name).get_short_help_str(60))
-                for name in self.list_commands(ctx)]
+                 self.commands[name].get_short_help_str(limit)) for name in names]
         with formatter.section("Commands"):
             formatter.write_dl(rows)
 
@@ -111,7 +134,7 @@ def cli():
 @common.verbosity_options
 @common.command
 def up(**opts):
-    """Bring an instance up and write its kabin configuration (idempotent).
+    """Bring an instance up, with its kabin configuration (idempotent).
 
     Returns once every node has booted. Run again with the same settings, it
     does nothing; with others, it says to bring the instance down first.
@@ -139,7 +162,11 @@ def down(**opts):
 @common.verbosity_options
 @common.command
 def status(**opts):
-    """Each node: address, BMC, power, what it booted (deploy, system, hung...)."""
+    """Each node's address, BMC, power and what it booted.
+
+    booted: booting, deploy (the deployment environment), system (the system of
+    a partition, given as partition), hung (with the reason in detail), off.
+    """
     from ..testbed import instance
     _rows(instance.status(opts["instance"]), STATUS_COLUMNS, opts["fmt"])
 
@@ -183,7 +210,10 @@ def power_command(**opts):
 @common.verbosity_options
 @common.command
 def env(**opts):
-    """Print the shell variables to use an instance: eval "$(ka-testbed env)"."""
+    """Print the variables that point kabin at an instance.
+
+    Use: eval "$(ka-testbed env --instance NAME)".
+    """
     from ..testbed import instance, lifecycle
     for key, value in instance.environment(opts["instance"]).items():
         click.echo(f"export {key}={value}")
@@ -197,7 +227,7 @@ def env(**opts):
 @instance_option
 @click.argument("command", nargs=-1, type=click.UNPROCESSED, required=True)
 def exec_command(instance, command):
-    """Run COMMAND where the instance's frontend is, with its variables set.
+    """Run a command where the instance's frontend is, its variables set.
 
     In the netns tier that is the frontend's network namespace (the nodes'
     10.S.x.y addresses are reachable only there); in the loopback tier, here.

@@ -93,10 +93,11 @@ class Testbed:
 
     def __init__(self, instance):
         self.instance = layout_mod.check_instance_name(instance)
-        self._layout = None
+        self._layout = self._config = None
 
     def up(self, size=8, **params):
         self._layout = lifecycle.up(self.instance, size, **params)
+        self._config = None
         return self
 
     @property
@@ -106,6 +107,7 @@ class Testbed:
         return self._layout
 
     def down(self):
+        self._layout = self._config = None
         return lifecycle.down(self.instance)
 
     @property
@@ -114,7 +116,11 @@ class Testbed:
 
     @property
     def config(self):
-        return config_mod.load(self.config_dir)
+        """The instance's configuration, as this incarnation of it wrote it (not
+        config.load's per-process cache: an instance brought up again may differ)."""
+        if self._config is None:
+            self._config = config_mod.Config(self.config_dir)
+        return self._config
 
     @property
     def nodes(self):

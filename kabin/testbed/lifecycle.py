@@ -42,7 +42,8 @@ SHARED_MOUNTPOINT = Path("/rambin")      # a node's /rambin needs a directory to
 COMMANDS = {"sshd": "openssh-server", "ssh-keygen": "openssh-client", "unshare": "util-linux",
             "nsenter": "util-linux", "setpriv": "util-linux", "partx": "util-linux",
             "delpart": "util-linux", "blkid": "util-linux", "losetup": "mount",
-            "mount": "mount", "sfdisk": "fdisk", "ss": "iproute2", "chroot": "coreutils"}
+            "mount": "mount", "fallocate": "util-linux", "sfdisk": "fdisk", "ss": "iproute2",
+            "chroot": "coreutils"}
 NETNS_COMMANDS = {"ip": "iproute2", "tc": "iproute2"}
 SEARCH_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
 
@@ -55,12 +56,11 @@ def check_system(netns=False):
         raise SystemRequirementError("ka-testbed needs root: it makes namespaces, loop devices "
                                      "and mounts")
     needed = dict(COMMANDS, **(NETNS_COMMANDS if netns else {}))
-    missing = sorted({pkg for cmd, pkg in needed.items()
-                      if shutil.which(cmd, path=SEARCH_PATH + ":" + os.environ.get("PATH", ""))
-                      is None})
+    search = SEARCH_PATH + ":" + os.environ.get("PATH", "")
+    missing = {cmd: pkg for cmd, pkg in needed.items() if shutil.which(cmd, path=search) is None}
     if missing:
-        raise SystemRequirementError(f"missing commands: install {' '.join(missing)} "
-                                     "(apt-get install ...)")
+        raise SystemRequirementError(f"missing commands: {', '.join(missing)} (apt-get install "
+                                     f"{' '.join(sorted(set(missing.values())))})")
     kinds = ["pid", "mnt", "uts"] + (["net"] if netns else [])
     lacking = [k for k in kinds if not Path(f"/proc/self/ns/{k}").exists()]
     if lacking:
@@ -151,7 +151,7 @@ def up(name=layout_mod.DEFAULT, size=8, netns=False, switches=2, link_rate=None,
             _teardown(name, state or {})
         lay = Layout(name, layout_mod.free_slot(name), size, netns)
         lay.dir.mkdir(parents=True)
-        state = dict(params, name=name, slot=lay.slot, loops={}, created=[])
+        state = dict(params, name=name, slot=lay.slot, loops={}, created=[], created_trees=[])
         write_state(lay, state)
         started = time.monotonic()
         _build(lay, state, params)
@@ -201,7 +201,7 @@ def _build(lay, state, params):
     progress.info("instance %s: configuration in %s", lay.name, lay.config_dir)
     configgen.write(lay, groups)
     cfg = config_mod.load(lay.config_dir)
-    _boot_files(lay, cfg, state["created"])
+    _boot_files(lay, cfg, state)
     node_mod.write_instance_files(lay, layout_mod.SHARED_KEY.with_suffix(".pub").read_text())
     write_state(lay, state)
     progress.info("instance %s: %d disks", lay.name, lay.size)
@@ -240,8 +240,17 @@ def _shared_files(state):
         (layout_mod.TESTBED_ROOT / ".made-rambin").touch()
 
 
-def _boot_files(lay, cfg, created):
-    """The deployment kernel and initrd, and default profiles that boot them."""
+def _boot_files(lay, cfg, state):
+    """The deployment kernel and initrd, and default profiles that boot them.
+
+    A PXE or HTTP root made here is the instance's (down removes it whole, with what
+    ka-pxe wrote there); in one that was there before, only the files made here go.
+    """
+    created = state["created"]
+    for root in (lay.pxe_root, lay.http_root):
+        if not root.exists():
+            root.mkdir(parents=True)
+            state["created_trees"].append(str(root))
     boot_cfg = cfg.clusters["local"].boot
     files = {}
     for root in (lay.pxe_root, lay.http_root):
@@ -325,6 +334,8 @@ def _teardown(name, state):
     _unmount_under(directory)
     for path in reversed(state.get("created", [])):
         _remove(Path(path))
+    for path in state.get("created_trees", []):
+        shutil.rmtree(path, ignore_errors=True)
     shutil.rmtree(directory, ignore_errors=True)
     _remove_shared_mountpoint()
 

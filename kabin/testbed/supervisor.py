@@ -3,7 +3,7 @@
 ``ka-testbed up`` starts it as ``python -m kabin.testbed.supervisor INSTANCE_DIR
 READY_FD`` (in the frontend's network namespace for the netns tier), and it runs
 until ``ka-testbed down``. One thread runs the event loop (epoll: nodes ending,
-node consoles, mount changes, timers); the BMC thread (bmc.py) and the control
+node consoles, timers); the BMC thread (bmc.py) and the control
 socket's threads (control.py) call in under one lock. Only the loop thread starts
 node processes, because their parent-death signal is tied to that thread.
 
@@ -133,7 +133,13 @@ class Supervisor(FaultWork):
 
     def _schedule(self, delay, fn, *args):
         heapq.heappush(self._timers, (time.monotonic() + delay, next(self._sequence), fn, args))
-        os.write(self._wake_w, b"!")
+        self._wake()
+
+    def _wake(self):
+        try:
+            os.write(self._wake_w, b"!")
+        except BlockingIOError:      # the pipe is full of wake-ups already
+            pass
 
     def _drain_wake(self):
         try:
@@ -163,7 +169,7 @@ class Supervisor(FaultWork):
 
     def stop(self):
         self._stop.set()
-        os.write(self._wake_w, b"!")
+        self._wake()
 
     # ------------------------------------------------ power (any thread)
 
@@ -235,7 +241,11 @@ class Supervisor(FaultWork):
         if plan.mode is None:
             self._set(node, "hung", plan.detail)
             return
-        self._launch(node, plan)
+        try:
+            self._launch(node, plan)
+        except (OSError, subprocess.SubprocessError) as exc:
+            log.exception("%s: cannot start the node", node.name)
+            self._set(node, "hung", f"the testbed could not start it: {exc}")
 
     def _pxe_settings(self):
         """(pxe_root, http_root, method, naming) from the instance's configuration, read
