@@ -31,6 +31,18 @@ def is_ok(record):
     return record.get("status", OK) == OK
 
 
+def pass_ko(items):
+    """Yield the KO records of ``items`` at once and return the OK ones, for steps that
+    need all their nodes together: ``batch = yield from records.pass_ko(items)``."""
+    batch = []
+    for record in items:
+        if is_ok(record):
+            batch.append(record)
+        else:
+            yield record
+    return batch
+
+
 def result(record, step, status, time=None, error=None, **fields):
     """A copy of ``record`` carrying the outcome of ``step``, with history appended."""
     if status not in (OK, KO):

@@ -119,3 +119,13 @@ def test_writer_table():
     text = out.getvalue()
     assert text.splitlines()[0].split() == ["node", "status", "step", "time", "error", "level"]
     assert "Unreachable after the reboot" in text and "soft" in text
+
+
+def test_pass_ko_yields_ko_at_once_and_returns_the_ok_ones():
+    ko = records.ko(records.new("n2"), "x", "dead")
+
+    def step(items):
+        batch = yield from records.pass_ko(items)
+        yield ("batch", [r["node"] for r in batch])
+
+    assert list(step([records.new("n1"), ko, records.new("n3")])) == [ko, ("batch", ["n1", "n3"])]

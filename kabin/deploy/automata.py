@@ -73,12 +73,7 @@ class Engine:
 
     def run(self, items):
         """Yield KO input at once, then each node's final record as soon as it is known."""
-        batch = []
-        for record in items:
-            if records.is_ok(record):
-                batch.append(record)
-            else:
-                yield record
+        batch = yield from records.pass_ko(items)
         if not batch:
             return
         self._start(0, 0, 0, batch)

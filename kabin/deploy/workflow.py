@@ -145,12 +145,7 @@ class Deployment:
         cleanly: nodes in progress come out KO "Aborted" and their state becomes
         ``aborted``; then Interrupted is raised.
         """
-        batch = []
-        for record in items:
-            if records.is_ok(record):
-                batch.append(record)
-            else:
-                yield record
+        batch = yield from records.pass_ko(items)
         with db.open_database(self.config) as database:
             ready, refused = self._admit(database, batch)
             finals = list(refused)
