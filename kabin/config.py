@@ -235,6 +235,7 @@ class ClusterConfig:
     timeouts: dict
     automata: dict
     switches: tuple
+    admin_postinstalls: tuple = ()   # run on every deployment, before the environment's own
 
 
 def _remoteop(sec):
@@ -354,6 +355,16 @@ def _switches(sec):
     return tuple(switches)
 
 
+def _postinstall(sec, base):
+    """An admin post-install: an archive unpacked on the node, then its script run there."""
+    item = {"archive": str(_path(base, sec.get("archive", str))),
+            "compression": sec.get("compression", str, "gzip",
+                                   ("none", "gzip", "bzip2", "xz", "zstd")),
+            "script": sec.get("script", str, None)}
+    sec.done()
+    return item
+
+
 def load_cluster(name, file, base):
     sec = _Section(_read_yaml(file), file)
     cluster = ClusterConfig(
@@ -366,6 +377,7 @@ def load_cluster(name, file, base):
         timeouts=_timeouts(sec.section("timeouts")),
         automata=_automata(sec.section("automata", True)),
         switches=_switches(sec.section("topology")),
+        admin_postinstalls=tuple(_postinstall(p, base) for p in sec.items("admin_postinstalls")),
     )
     if "reboot" not in cluster.remoteops:
         raise ConfigError("is required: the reboot escalation levels", file, "remoteops.reboot")

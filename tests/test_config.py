@@ -94,6 +94,9 @@ BAD_KEYS = [
      "key 'boot.kernels.deploy': is required"),
     ("cluster-local.yml", lambda d: d["automata"].pop("SetDeploymentEnv"),
      "key 'automata.SetDeploymentEnv': is required"),
+    ("cluster-local.yml", lambda d: d.update(admin_postinstalls=[{"archive": "a.tgz",
+                                                                  "compression": "rar"}]),
+     "key 'admin_postinstalls[0].compression': expected one of none, gzip"),
     ("cluster-local.yml", lambda d: d["topology"]["switches"][0].update(nodes="x[1-"),
      "key 'topology.switches[0].nodes'"),
 ]
@@ -142,3 +145,11 @@ def test_timeout_expressions(expr, n, value):
 def test_timeout_expressions_refused(expr):
     with pytest.raises(ValueError):
         config.eval_timeout(expr, 3)
+
+
+def test_admin_postinstalls(confdir):
+    edit(confdir, "cluster-local.yml", lambda d: d.update(
+        admin_postinstalls=[{"archive": "site/post.tgz", "script": "sh run.sh"}]))
+    [item] = config.Config(confdir).clusters["local"].admin_postinstalls
+    assert item == {"archive": str(confdir / "site/post.tgz"), "compression": "gzip",
+                    "script": "sh run.sh"}

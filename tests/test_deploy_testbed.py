@@ -170,3 +170,28 @@ def test_printed_pipeline_gives_the_same_outcomes(bed):
     assert outcomes == {n: r["status"] for n, r in out.items()}
     for node in out:
         assert 'NAME="kabin-testenv"' in bed.ssh(node, "cat /etc/os-release").stdout
+
+
+def test_anonymous_env_post_install_keys_no_kexec_no_bootloader(bed, tmp_path):
+    post = tmp_path / "post"
+    post.mkdir()
+    (post / "post.sh").write_text('echo "$KADEPLOY_ENV $KADEPLOY_DEPLOY_PART" '
+                                  '> "$KADEPLOY_ENV_EXTRACTION_DIR/kabin-post"\n')
+    subprocess.run(["tar", "-czf", str(tmp_path / "post.tgz"), "-C", str(post), "post.sh"],
+                   check=True)
+    desc = subprocess.run(["ka-env", "show", "testenv-tzst"], env=bed.env, text=True,
+                          capture_output=True, check=True).stdout
+    desc = desc.replace("name: testenv-tzst", "name: anon-post") + (
+        f"postinstalls:\n- {{archive: {tmp_path / 'post.tgz'}, compression: gzip, "
+        "script: sh post.sh}\n")
+    (tmp_path / "anon.yml").write_text(desc)
+    (tmp_path / "keys").write_text("ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIKabinTestKey kabin@test\n")
+    done, out = kadeploy(bed, "-a", str(tmp_path / "anon.yml"), "-m", "node-[1-2]",
+                         "-k", str(tmp_path / "keys"), "--no-kexec",
+                         "--disable-bootloader-install")
+    assert done.returncode == 0, done.stderr
+    for node, record in out.items():
+        assert record["variant"]["BootNewEnv"] == "Classical"
+        assert bed.ssh(node, "cat /kabin-post").stdout == "anon-post /dev/sda3\n"
+        assert "kabin@test" in bed.ssh(node, "cat /root/.ssh/authorized_keys").stdout
+        assert bed.ssh(node, "test -e /boot/kabin-root").returncode == 1

@@ -196,15 +196,15 @@ class Plan:
     def post_installs(self, name, archives):
         """Each archive is unpacked in the prepost dir, then its script runs there."""
         steps = []
-        for index, item in enumerate(archives):
+        for item in archives:
             with envs.open_file(item["archive"]) as stream:
                 data = stream.read()
-            flag = {"gzip": "z", "bzip2": "j", "xz": "J", "zstd": "-zstd "}.get(
+            unpack = {"gzip": "-z", "bzip2": "-j", "xz": "-J", "zstd": "--zstd"}.get(
                 item.get("compression"), "")
             command = (f'd="$KADEPLOY_PREPOST_EXTRACTION_DIR" && rm -rf "$d" && mkdir -p "$d" && '
-                       f'tar -x{flag}f - -C "$d" && cd "$d" && '
+                       f'tar {unpack} -x -f - -C "$d" && cd "$d" && '
                        f'{item.get("script") or "true"}')
-            steps.append(self.remote(f"{name}-{index}", lambda r, c=command: c,
+            steps.append(self.remote(name, lambda r, c=command: c,
                                      stdin_of=lambda r, d=data: d, timeout=600))
         return steps
 
@@ -261,6 +261,7 @@ def _after_broadcast(plan):
     env = plan.env.description
     mount = [plan.mount_deploy_part()] if plan.image.kind == "dd" else []
     return [*mount,
+            *plan.post_installs("manage_admin_post_install", plan.cluster.admin_postinstalls),
             *plan.post_installs("manage_user_post_install", env.get("postinstalls", [])),
             plan.check_kernel_files(), plan.send_key(), plan.install_bootloader(),
             plan.umount_deploy_part()]
