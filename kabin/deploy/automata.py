@@ -162,9 +162,13 @@ class Engine:
         ctx.stop.set()  # late micro-steps stop early; their results are no longer read
         with self._lock:
             self._running.discard(done)
-        passed, failed = self._settle(variant, attempt, batch, dict(results), start=ctx.deadline)
-        progress.info("%s: %d ok, %d ko%s", variant.label, len(passed), len(failed),
-                      _what_next(variant, attempt, failed, self.macros[stage], index))
+        passed, failed, stopped = self._settle(variant, attempt, batch, dict(results),
+                                               start=ctx.deadline)
+        progress.info("%s: %d ok, %d ko%s%s", variant.label, len(passed) + len(stopped),
+                      len(failed), _what_next(variant, attempt, failed, self.macros[stage], index),
+                      " (stopped at the breakpoint)" if stopped else "")
+        for record in stopped:
+            self._finish(record)
         self._route(stage, index, attempt, passed, failed)
 
     def _stream(self, variant, batch, ctx):
@@ -178,7 +182,7 @@ class Engine:
         return stream
 
     def _settle(self, variant, attempt, batch, results, start):
-        passed, failed = [], []
+        passed, failed, stopped = [], [], []
         elapsed = start.seconds - start.remaining()
         for record in batch:
             out = results.get(record["node"])
@@ -186,13 +190,9 @@ class Engine:
                 why = ABORTED if self.stop.is_set() else f"Timeout in the {variant.label} step"
                 out = records.ko(record, variant.label, why, elapsed)
             out = _summarize(out, variant, attempt, elapsed)
-            if out.get("breakpoint"):
-                self._finish(out)
-            elif records.is_ok(out):
-                passed.append(out)
-            else:
-                failed.append(out)
-        return passed, failed
+            (failed if not records.is_ok(out) else stopped if out.get("breakpoint")
+             else passed).append(out)
+        return passed, failed, stopped
 
 
 def _what_next(variant, attempt, failed, variants, index):
