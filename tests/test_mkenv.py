@@ -29,15 +29,6 @@ def as_root(test):
     return pytest.mark.testbed(pytest.mark.skipif(os.geteuid() != 0, reason="needs root")(test))
 
 
-def test_parse_size():
-    assert mkenv.parse_size("64M") == 64 * 2**20
-    assert mkenv.parse_size("128MiB") == 128 * 2**20
-    assert mkenv.parse_size("1g") == 2**30
-    assert mkenv.parse_size("4096") == 4096
-    with pytest.raises(UsageError, match="invalid size"):
-        mkenv.parse_size("lots")
-
-
 @pytest.fixture(scope="module")
 def built(tmp_path_factory):
     """One mkenv run (through the command) with 1 MiB of padding, in a temporary state dir."""
@@ -46,12 +37,12 @@ def built(tmp_path_factory):
     server = base / "cfg" / "server.yml"
     server.write_text(server.read_text().replace("state_dir: /var/lib/kabin",
                                                  f"state_dir: {base / 'state'}"))
-    proc = subprocess.run([sys.executable, "-c", RUN, "--instance", "t1", "--pad-size", "1M",
-                           "--format", "json"], capture_output=True, text=True, timeout=300,
+    proc = subprocess.run([sys.executable, "-c", RUN, "--out", str(base / "envs"),
+                           "--pad-size", "1M", "--format", "json"], capture_output=True, text=True, timeout=300,
                           env={**os.environ, "KABIN_CONFIG": str(base / "cfg")})
     assert proc.returncode == 0, proc.stderr
     rows = [json.loads(line) for line in proc.stdout.splitlines()]
-    return base, base / "state" / "testbed" / "t1" / "envs", rows
+    return base, base / "envs", rows
 
 
 def tar_members(path):

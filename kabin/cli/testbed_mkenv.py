@@ -2,8 +2,9 @@
 
 import click
 
+from .. import config as config_mod
 from .. import db as db_mod
-from ..testbed import mkenv
+from ..testbed import layout, mkenv, units
 from . import common, tabular
 
 COLUMNS = ("name", "version", "kind", "compression", "file", "size")
@@ -11,7 +12,9 @@ COLUMNS = ("name", "version", "kind", "compression", "file", "size")
 
 @click.command("mkenv", context_settings=common.CONTEXT)
 @click.option("--instance", default="default", show_default=True, metavar="NAME",
-              help="Testbed instance: images go to <state_dir>/testbed/NAME/envs.")
+              envvar="KABIN_TESTBED_INSTANCE", show_envvar=True,
+              help="Testbed instance: its configuration (unless --config is given) and "
+                   "its directory, where the images go (envs/).")
 @click.option("--out", "out_dir", type=click.Path(file_okay=False), metavar="DIR",
               help="Build the images in DIR instead.")
 @click.option("--pad-size", default="0", metavar="SIZE",
@@ -29,9 +32,11 @@ def mkenv_command(**opts):
     They become public environments of root: testenv-tgz, testenv-txz,
     testenv-tzst and testenv-dd.
     """
-    config = common.load_config(opts)
-    out_dir = opts["out_dir"] or mkenv.default_out_dir(config, opts["instance"])
-    pad_size = mkenv.parse_size(opts["pad_size"])
+    instance_dir = layout.instance_dir(opts["instance"])
+    own = instance_dir / "config"
+    config = config_mod.load(opts["config_dir"] or (own if own.is_dir() else None))
+    out_dir = opts["out_dir"] or instance_dir / "envs"
+    pad_size = units.parse_size(opts["pad_size"])
     with db_mod.open_database(config) as database:
         made = mkenv.mkenv(database, out_dir, pad_size, opts["only"])
     rows = [{**env.summary(), "file": env.image_file, "size": env.file().size} for env in made]

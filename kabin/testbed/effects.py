@@ -2,7 +2,7 @@
 
 A node's processes are found from its launcher (the ``unshare`` the supervisor
 started): its child is the node's init, whose children are sshd and the like.
-The node's own view of files is ``/proc/<init>/root`` (its mount namespace).
+Work on the node's own files runs in its mount namespace (nsenter).
 """
 
 import logging
@@ -11,6 +11,8 @@ import re
 import signal
 import subprocess
 from pathlib import Path
+
+from . import disks
 
 log = logging.getLogger(__name__)
 
@@ -77,18 +79,15 @@ def disk_full(init, node_dir, on, loop):
     """Fill (or empty) the node's file systems: node/diskfull.sh in its mount namespace,
     or, on a node that does not run, on the host with its loop partitions."""
     script = str(Path(node_dir).parents[1] / "bin" / "diskfull.sh")
+    numbers = sorted(disks.partitions(loop))
     if init:
         argv = ["nsenter", "-t", str(init), "--mount", "--pid", "sh", script]
-        devices = [f"/dev/sda{n}" for n in _partition_numbers(loop)]
+        devices = [f"/dev/sda{n}" for n in numbers]
     else:
         argv = ["sh", script]
-        devices = [f"/dev/{loop}p{n}" for n in _partition_numbers(loop)]
+        devices = [f"/dev/{loop}p{n}" for n in numbers]
     argv += ["fill"] if on else ["unfill"] + devices
     try:
         subprocess.run(argv, capture_output=True, timeout=120)
     except (OSError, subprocess.TimeoutExpired) as exc:
         log.warning("disk-full: %s failed: %s", " ".join(argv), exc)
-
-
-def _partition_numbers(loop):
-    return sorted(int(p.name[len(loop) + 1:]) for p in Path(f"/sys/block/{loop}").glob(f"{loop}p*"))

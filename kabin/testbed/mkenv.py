@@ -17,7 +17,6 @@ such bytes, ~5-10 MB/s: ``only`` builds a subset).
 import gzip
 import logging
 import os
-import re
 import shutil
 import subprocess
 import tarfile
@@ -38,21 +37,7 @@ VARIANTS = (("testenv-tgz", "tar", "gzip", ".tar.gz"),
             ("testenv-txz", "tar", "xz", ".tar.xz"),
             ("testenv-tzst", "tar", "zstd", ".tar.zst"),
             ("testenv-dd", "dd", "gzip", ".dd.gz"))
-_UNITS = {"": 1, "K": 2**10, "M": 2**20, "G": 2**30}
 _CHUNK = 1 << 20
-
-
-def parse_size(text):
-    """``"64M"``, ``"128MiB"``, ``"1G"``, ``"4096"`` -> bytes."""
-    match = re.fullmatch(r"\s*(\d+)\s*([KMG]?)(?:i?B)?\s*", str(text), re.IGNORECASE)
-    if not match:
-        raise UsageError(f"invalid size {text!r}: expected e.g. 64M, 128MiB, 1G or bytes")
-    return int(match.group(1)) * _UNITS[match.group(2).upper()]
-
-
-def default_out_dir(config, instance):
-    """Where an instance's images live: <state_dir>/testbed/<instance>/envs."""
-    return Path(config.server.state_dir) / "testbed" / instance / "envs"
 
 
 # ---------------------------------------------------------------- the root file system
