@@ -6,7 +6,6 @@ from pathlib import Path
 
 import click
 
-from ..deploy import custom, workflow
 from ..errors import EXIT_KO, EXIT_OK
 from . import common
 
@@ -25,6 +24,8 @@ def _keys(path):
 
 
 def _options(opts):
+    from ..deploy import custom, workflow  # the whole toolkit: loaded only to deploy
+
     return workflow.Options(
         env=opts["env"], owner=opts["owner"], env_version=opts["env_version"],
         description=opts["env_file"], partition=opts["partition"],
@@ -86,6 +87,8 @@ def cli(**opts):
     if opts["verbose_level"] is not None:
         verbose, quiet = VERBOSITY[opts["verbose_level"]]
         common.setup_logging("kadeploy", verbose, quiet)
+    from ..deploy import workflow
+
     config = common.load_config(opts)
     deployment = workflow.Deployment(config, _options(opts))
     items = common.read_input(opts)
