@@ -33,10 +33,14 @@ def _help_options(argv):
 
 
 def _subcommands(argv):
+    """The argv of every subcommand, nested ones (ka-pxe set local) included."""
     out = subprocess.run(argv + ["--help"], capture_output=True, text=True, check=True).stdout
     if "Commands:" not in out:
         return []
-    return re.findall(r"^  (\S+)", out.split("Commands:", 1)[1], re.M)
+    found = []
+    for name in re.findall(r"^  (\S+)", out.split("Commands:", 1)[1], re.M):
+        found += [argv + [name]] + _subcommands(argv + [name])
+    return found
 
 
 @pytest.mark.parametrize("prog", sorted(manpages.PROGRAMS))
@@ -45,5 +49,5 @@ def test_page_options_match_the_installed_help(prog):
     in_page = set(re.findall(r"\\fB(--?[A-Za-z][\w-]*)\\fR", page))
     in_help = _help_options([prog])
     for sub in _subcommands([prog]):
-        in_help |= _help_options([prog, sub])
+        in_help |= _help_options(sub)
     assert in_help <= in_page, f"options missing from {prog}.1: {sorted(in_help - in_page)}"

@@ -48,12 +48,16 @@ def _params(command):
 def options_section(prog):
     """The roff text of the OPTIONS of ``prog`` (and of each of its subcommands)."""
     command = command_of(prog)
-    text = ".SH OPTIONS\n" + _params(command)
-    if isinstance(command, click.Group):
-        for name, sub in sorted(command.commands.items()):
-            summary = (sub.help or "").split("\n\n", 1)[0]
-            text += f".SS {_escape(prog)} {_escape(name)}\n{_escape(' '.join(summary.split()))}\n"
-            text += _params(sub)
+    return ".SH OPTIONS\n" + _params(command) + _subcommands(prog, command)
+
+
+def _subcommands(path, group):
+    """One .SS per subcommand, nested groups (``ka-pxe set local``) included."""
+    text = ""
+    for name, sub in sorted(getattr(group, "commands", {}).items()):
+        summary = (sub.help or "").split("\n\n", 1)[0]
+        text += f".SS {_escape(path)} {_escape(name)}\n{_escape(' '.join(summary.split()))}\n"
+        text += _params(sub) + _subcommands(f"{path} {name}", sub)
     return text
 
 
