@@ -212,7 +212,9 @@ def test_repair_from_the_source_when_the_ring_no_longer_holds_the_offset(tmp_pat
             steps.append("killed")
 
     caplog.set_level(logging.INFO, logger="kabin.chaincast")
-    results, _ = broadcast(tmp_path, image, count=4, ring=1 << 20, max_rate=16 << 20,
+    # a ring far smaller than the socket buffers between the nodes: whatever node-3 still
+    # reads from its own buffers, its offset cannot be in node-1's ring any more
+    results, _ = broadcast(tmp_path, image, count=4, ring=64 << 10, max_rate=16 << 20,
                            stall_timeout=10.0, dest_of=lambda n: str(tmp_path / f"{n}.disk"),
                            observe=observe)
     assert steps[1:] == ["killed"]

@@ -1,12 +1,14 @@
 """kadeploy end to end on the testbed: real reboots, real chain broadcast, real faults."""
 
 import json
+import os
 import signal
 import socket
 import subprocess
 import time
 
 import pytest
+import yaml
 
 pytestmark = pytest.mark.testbed
 
@@ -31,6 +33,10 @@ def back_to_deploy_env(bed):
     for node in bed.nodes:
         bed.power(node, "cycle")
     bed.wait_booted(bed.nodes, "deploy", timeout=90)
+    # no system left on the disks: no active partition, no file system on the deploy one
+    subprocess.run(["ka-exec", "-m", "node-[1-8]", "--format", "json", "--",
+                    "sfdisk --quiet --activate /dev/sda - && wipefs -q -a /dev/sda3"],
+                   env=bed.env, check=True, capture_output=True, timeout=120)
 
 
 def kadeploy(bed, *args, timeout=400):
@@ -92,9 +98,28 @@ def test_dead_bmc_and_dead_ssh_node_ends_ko_with_the_reason(bed):
         {"node-1": "ok", "node-2": "ok", "node-4": "ok"}
 
 
-def test_node_dying_during_the_broadcast_is_ko_the_others_ok(bed):
-    bed.fault("node-2", "die-after-bytes=400K")
-    done, out = kadeploy(bed, "-e", "testenv-tzst", "-m", FOUR,
+def padded_env(bed, tmp_path, megabytes):
+    """An anonymous environment: testenv-tzst plus ``megabytes`` of random data (so that a
+    transfer lasts long enough for the testbed to see a node's byte count grow)."""
+    desc = yaml.safe_load(subprocess.run(["ka-env", "show", "testenv-tzst"], env=bed.env,
+                                         text=True, capture_output=True, check=True).stdout)
+    pad = tmp_path / "pad"
+    pad.mkdir()
+    (pad / "padding").write_bytes(os.urandom(megabytes << 20))
+    plain = tmp_path / "padded.tar"
+    subprocess.run(["zstd", "-q", "-d", desc["image"]["file"], "-o", str(plain)], check=True)
+    subprocess.run(["tar", "-rf", str(plain), "-C", str(pad), "padding"], check=True)
+    subprocess.run(["zstd", "-q", "--rm", str(plain)], check=True)
+    desc.update(name="padded", image=dict(desc["image"], file=f"{plain}.zst"))
+    path = tmp_path / "padded.yml"
+    path.write_text(yaml.safe_dump(desc))
+    return path
+
+
+def test_node_dying_during_the_broadcast_is_ko_the_others_ok(bed, tmp_path):
+    env = padded_env(bed, tmp_path, 32)
+    bed.fault("node-2", "die-after-bytes=8M")
+    done, out = kadeploy(bed, "-a", str(env), "-m", FOUR,
                          "--force-steps", "BroadcastEnv|Chain:60:0")
     assert done.returncode == 1
     assert out["node-2"]["status"] == "ko"

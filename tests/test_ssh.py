@@ -112,7 +112,7 @@ def test_unreachable_node_raises(up):
     with SshPool(up.config, "deploy") as pool:
         # refused; or reset when the connection came while the node's sshd was dying
         with pytest.raises(SshError,
-                           match="failed: (connection refused|no SSH handshake: .*reset)"):
+                           match="failed: (connection refused|connection closed by the node|no SSH handshake: .*reset)"):
             pool.run("node-5", "true", timeout=10)
 
 
