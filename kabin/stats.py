@@ -35,7 +35,6 @@ import time
 import uuid
 from datetime import datetime
 
-from .envs import current_user
 from .errors import UsageError
 
 OPERATIONS = ("deploy", "reboot", "power")
@@ -120,7 +119,10 @@ def store(db, records, defaults=None, now=None):
     """
     defaults = dict(defaults or {})
     defaults["deployment"] = defaults.get("deployment") or new_deployment_id()
-    defaults["user"] = defaults.get("user") or current_user()
+    if not defaults.get("user"):
+        from .envs import current_user  # the environment library is not needed otherwise
+
+        defaults["user"] = current_user()
     runs = [run_of(r, defaults, now) for r in records]
     with db.transaction() as conn:
         for run in runs:
