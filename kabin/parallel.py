@@ -119,7 +119,8 @@ def _failed(record, step, exc):
     """Turn an exception raised by per-node work into that node's KO record."""
     if isinstance(exc, KabinError):
         return records.ko(record, step, str(exc))
-    log.error("%s: unexpected error in %s", record["node"], step, exc_info=exc)
+    log.error("%s: unexpected error in %s: %s: %s", record["node"], step, type(exc).__name__,
+              exc, exc_info=exc)
     return records.ko(record, step, f"internal error: {type(exc).__name__}: {exc}")
 
 

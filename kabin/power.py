@@ -250,6 +250,11 @@ def _raw(session, bmc, password, command, data):
         if any(word in message.lower() for word in _REFUSED_WORDS):
             raise BmcRefused(f"BMC {_where(bmc)} refused the credentials: {message}") from None
         raise _Transient(message) from None
+    except (OSError, KeyError, AttributeError, TypeError, ValueError) as exc:
+        # pyghmi's session code fails this way when a BMC restarts or answers oddly:
+        # a failed request like any other, tried again, not a bug of ours
+        log.debug("BMC %s: pyghmi failed", _where(bmc), exc_info=exc)
+        raise _Transient(f"{type(exc).__name__}: {exc}") from None
 
 
 def _where(bmc):

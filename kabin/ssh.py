@@ -189,7 +189,7 @@ class SshPool:
                 _feed_in_background(channel, stdin)
             rc, out, err = collect(channel, start + timeout, self.stop)
         finally:
-            channel.close()
+            close_quietly(channel)
         return CommandResult(node, rc, out, err, time.monotonic() - start)
 
     def open(self, node, command, timeout):
@@ -304,6 +304,15 @@ class _QuickAckSocket(socket.socket):
         # the kernel falls back to delayed ACKs by itself: ask again after every read
         self.setsockopt(socket.IPPROTO_TCP, socket.TCP_QUICKACK, 1)
         return data
+
+
+def close_quietly(channel):
+    """Close a channel whose node may be gone (a reboot command kills the connection):
+    paramiko then raises EOFError or OSError while sending the close message."""
+    try:
+        channel.close()
+    except (OSError, EOFError):
+        pass
 
 
 def set_keepalive(sock, idle, interval, count):

@@ -96,7 +96,7 @@ def test_every_node_runs_sshd_and_sees_its_own_files(testbed):
         out = ssh_ok(testbed, node, f"""hostname; ls /dev | grep -c '^loop'; ls /dev/sd*
             ps -e --no-headers | wc -l; test -f /root/.ssh/authorized_keys && echo keys
             echo {marker} > /tmp/mine; ls /tmp; hostname -i
-            printf {marker} | dd of=/dev/sda4 bs=512 seek=8 conv=notrunc status=none""")
+            printf {marker} | dd of=/dev/sda4 bs=512 seek=8 conv=notrunc,sync status=none""")
         lines = out.split()
         assert lines[0] == node and lines[1] == "0"
         assert lines[2:7] == ["/dev/sda", "/dev/sda1", "/dev/sda2", "/dev/sda3", "/dev/sda4"]

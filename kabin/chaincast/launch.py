@@ -20,6 +20,7 @@ import threading
 from pathlib import Path
 
 from ..errors import KabinError
+from ..ssh import close_quietly
 
 log = logging.getLogger(__name__)
 
@@ -171,7 +172,7 @@ class _SshHandle(AgentHandle):
             log.debug("%s: cannot kill the agent: %s", self.node, exc)
 
     def _close(self):
-        self.channel.close()
+        close_quietly(self.channel)
 
 
 class SshLauncher:
@@ -188,7 +189,7 @@ class SshLauncher:
         try:
             handle._write(source + (json.dumps(job) + "\n").encode())
         except (OSError, EOFError) as exc:
-            channel.close()
+            close_quietly(channel)
             raise OSError(f"cannot send the agent: {exc}") from None
         channel.settimeout(None)  # the broadcast watches heartbeats; close() wakes the reader
         handle.start_reader(channel.makefile("r"))
