@@ -385,6 +385,12 @@ def load_cluster(name, file, base):
     return cluster
 
 
+def partition_device(block_device, number):
+    """/dev/sda + 3 -> /dev/sda3; /dev/nvme0n1 + 3 -> /dev/nvme0n1p3."""
+    separator = "p" if block_device[-1:].isdigit() else ""
+    return f"{block_device}{separator}{number}"
+
+
 # ---------------------------------------------------------------- timeouts as expressions of n
 
 _OPS = {ast.Add: operator.add, ast.Sub: operator.sub, ast.Mult: operator.mul,

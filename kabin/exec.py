@@ -22,6 +22,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from . import nodes, records
+from .config import partition_device
 from .errors import UsageError
 from .parallel import Deadline, Executor
 from .ssh import SshError, SshPool
@@ -105,11 +106,6 @@ def _env_description(record):
     return None, {}
 
 
-def _partition_device(block_device, number):
-    # /dev/sda + 3 -> /dev/sda3, but /dev/nvme0n1 + 3 -> /dev/nvme0n1p3
-    return f"{block_device}{'p' if block_device[-1:].isdigit() else ''}{number}"
-
-
 def kadeploy_env(config, record):
     """Kadeploy's variables for the commands run on the record's node.
 
@@ -138,7 +134,7 @@ def kadeploy_env(config, record):
         "KADEPLOY_CLUSTER": node.cluster,
         "KADEPLOY_BLOCK_DEVICE": block_device,
         "KADEPLOY_DEPLOY_PART_NUM": number,
-        "KADEPLOY_DEPLOY_PART": _partition_device(block_device, number),
+        "KADEPLOY_DEPLOY_PART": partition_device(block_device, number),
         "KADEPLOY_ENV_EXTRACTION_DIR": server.extraction_dir,
         "KADEPLOY_TMP_DIR": server.tmp_dir,
         "KADEPLOY_PREPOST_EXTRACTION_DIR": f"{server.tmp_dir.rstrip('/')}/{PREPOST_SUBDIR}",

@@ -153,3 +153,9 @@ def test_admin_postinstalls(confdir):
     [item] = config.Config(confdir).clusters["local"].admin_postinstalls
     assert item == {"archive": str(confdir / "site/post.tgz"), "compression": "gzip",
                     "script": "sh run.sh"}
+
+
+def test_partition_device_names():
+    assert config.partition_device("/dev/sda", 3) == "/dev/sda3"
+    assert config.partition_device("/dev/nvme0n1", 3) == "/dev/nvme0n1p3"
+    assert config.partition_device("/dev/loop7", 1) == "/dev/loop7p1"

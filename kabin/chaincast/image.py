@@ -4,6 +4,7 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 
+from ..config import partition_device
 from ..errors import UsageError
 
 KINDS = ("tar", "dd")
@@ -60,12 +61,6 @@ def from_environment(config, spec, owner=None, kind=None, compression=None):
     recorded = next((f.sha256 for f in env.files if f.role == "image"), None)
     return open_image(path, kind or env.image_kind, compression or env.image_compression or "auto",
                       sha256=recorded)
-
-
-def partition_device(block_device, number):
-    """/dev/sda + 3 -> /dev/sda3; /dev/nvme0n1 + 3 -> /dev/nvme0n1p3."""
-    separator = "p" if block_device[-1:].isdigit() else ""
-    return f"{block_device}{separator}{number}"
 
 
 def default_dest(config, node, kind):
