@@ -53,3 +53,17 @@ def _testbed_faults_cleared(request):
     yield
     if "testbed" in request.fixturenames:
         request.getfixturevalue("testbed").clear()
+
+
+@pytest.fixture
+def config_dir(tmp_path):
+    """The shipped sample configuration, its state (and database) moved into tmp_path."""
+    import shutil
+
+    from kabin import paths
+
+    shutil.copytree(paths.sample_config_dir(), tmp_path / "cfg")
+    server = tmp_path / "cfg" / "server.yml"
+    server.write_text(server.read_text().replace("state_dir: /var/lib/kabin",
+                                                 f"state_dir: {tmp_path / 'state'}"))
+    return tmp_path / "cfg"

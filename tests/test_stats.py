@@ -5,17 +5,14 @@ import io
 import json
 import os
 import select
-import shutil
 import subprocess
 import sys
-from pathlib import Path
 
 import pytest
 
 from kabin import db, stats
 from kabin.errors import UsageError
 
-REPO = Path(__file__).resolve().parent.parent
 DAY = 86400.0
 T0 = 1_700_000_000.0  # 2023-11-14
 
@@ -24,16 +21,6 @@ T0 = 1_700_000_000.0  # 2023-11-14
 def database(tmp_path):
     with db.Database(tmp_path / "kabin.db") as database:
         yield database
-
-
-@pytest.fixture
-def config_dir(tmp_path):
-    """The sample configuration, its state (and database) moved into tmp_path."""
-    shutil.copytree(REPO / "etc" / "kadeploy", tmp_path / "cfg")
-    server = tmp_path / "cfg" / "server.yml"
-    server.write_text(server.read_text().replace("state_dir: /var/lib/kabin",
-                                                 f"state_dir: {tmp_path / 'state'}"))
-    return tmp_path / "cfg"
 
 
 def ka_stats(config_dir, *args, stdin="", check=0):

@@ -3,16 +3,12 @@
 import contextlib
 import json
 import os
-import shutil
 import subprocess
 import sys
-from pathlib import Path
 
-import pytest
 
 from kabin import config, db, stats
 
-REPO = Path(__file__).resolve().parent.parent
 RECORDERS, RECORDS = 6, 300
 BATCHERS, BATCHES = 4, 60
 
@@ -35,15 +31,6 @@ with db.Database(sys.argv[1]) as database:
     print(len(refused), flush=True)
     sys.stdin.read()  # stay alive (holding) until the test says so
 """
-
-
-@pytest.fixture
-def config_dir(tmp_path):
-    shutil.copytree(REPO / "etc" / "kadeploy", tmp_path / "cfg")
-    server = tmp_path / "cfg" / "server.yml"
-    server.write_text(server.read_text().replace("state_dir: /var/lib/kabin",
-                                                 f"state_dir: {tmp_path / 'state'}"))
-    return tmp_path / "cfg"
 
 
 def _spawn(args, stdout=subprocess.PIPE, **kw):

@@ -62,6 +62,14 @@ def _target(opts):
     return dict(name=name, owner=opts.get("owner"), version=version)
 
 
+def _resolved(opts):
+    """The environment NAME[@VERSION] [-u OWNER] names, by the library's lookup rules."""
+    target = _target(opts)
+    with _open(opts) as database:
+        return envs.resolve(database, target["name"], envs.current_user(), target["owner"],
+                            target["version"])
+
+
 @_subcommand(click.argument("description", metavar="DESC.yml", type=click.Path(dir_okay=False)))
 def add(**opts):
     """Add an environment from a Kadeploy3 YAML description (its files are checksummed)."""
@@ -84,11 +92,7 @@ def list_environments(**opts):
 @_subcommand(name_argument, version_option, owner_option, rows=False)
 def show(**opts):
     """Print an environment's YAML description (ka-env add reads it back)."""
-    target = _target(opts)
-    with _open(opts) as database:
-        env = envs.resolve(database, target["name"], envs.current_user(), target["owner"],
-                           target["version"])
-    sys.stdout.write(env.to_yaml())
+    sys.stdout.write(_resolved(opts).to_yaml())
 
 
 @_subcommand(name_argument, version_option, owner_option,
@@ -135,10 +139,7 @@ def move_files(**opts):
 @_subcommand(name_argument, version_option, owner_option, rows=False)
 def verify(**opts):
     """Check an environment's files against their recorded checksums."""
-    target = _target(opts)
-    with _open(opts) as database:
-        env = envs.resolve(database, target["name"], envs.current_user(), target["owner"],
-                           target["version"])
+    env = _resolved(opts)
     envs.verify(env)
 
 
