@@ -26,13 +26,11 @@ What a node does with the data (decompress, extract, write) is in ``sinks``,
 sent ahead of this file in the same script (see ``launch.agent_source``).
 """
 
-import hashlib
 import json
 import os
 import socket
 import struct
 import sys
-import tarfile
 import threading
 import time
 
@@ -55,6 +53,7 @@ OFFSET = struct.Struct(">Q")
 # segments at a time, and a loop turn per segment costs more CPU than moving the data.
 BATCH = 64 * 1024
 HANDSHAKE_TIMEOUT = 10.0
+SOCKET_BUFFER = 4 << 20
 IO_TICK = 1.0               # longest blocking call before a thread checks for abort
 
 
@@ -207,7 +206,7 @@ class Agent:
         self.total = job["size"]
         self.ring = Ring(min(job["ring"], max(self.total, 1)), self.total)
         self.ring.add("sink", 0)
-        self.digest = hashlib.sha256()
+        self.digest = None                  # made by the receiving thread (imports cost start-up time)
         self.started = time.monotonic()
         self.last_recv = self.started
         self.upstream, self.generation = None, 0
@@ -238,6 +237,7 @@ class Agent:
         for address in (self.job.get("bind") or "", ""):
             for port in range(first, last + 1):
                 sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+                sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, SOCKET_BUFFER)
                 try:
                     sock.bind((address, port))
                 except OSError as exc:
@@ -280,6 +280,9 @@ class Agent:
 
     def receive_loop(self):
         """Read the stream into the ring until the end; hash it on the way."""
+        import hashlib
+
+        self.digest = hashlib.sha256()
         batched = (None, 0)
         while self.ring.head < self.total:
             with self.up_cond:
@@ -461,7 +464,10 @@ def _batch(sock, remaining, current):
 
 
 def _connect_child(address, port, token, name):
-    sock = socket.create_connection((address, port), timeout=HANDSHAKE_TIMEOUT)
+    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, SOCKET_BUFFER)
+    sock.settimeout(HANDSHAKE_TIMEOUT)
+    sock.connect((address, port))
     sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
     sock.sendall(b" ".join([MAGIC, token.encode(), name.encode()]) + b"\n")
     return sock
@@ -498,7 +504,8 @@ def _reason(exc):
     if isinstance(exc, OSError) and exc.strerror:
         where = f" ({exc.filename})" if exc.filename else ""
         return f"{exc.strerror}{where}"
-    if isinstance(exc, tarfile.TarError):
+    tarfile = sys.modules.get("tarfile")  # imported by the sink if it extracts
+    if tarfile and isinstance(exc, tarfile.TarError):
         return f"bad tar archive: {exc or type(exc).__name__}"
     return f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__
 

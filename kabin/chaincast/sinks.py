@@ -17,7 +17,6 @@ not restore: extended attributes (file capabilities, SELinux labels).
 import copy
 import os
 import stat
-import tarfile
 import threading
 
 CHUNK = 256 * 1024
@@ -145,6 +144,8 @@ def _clear(target, member):
 
 def extract_tar(stream, dest):
     """Extract a tar stream into ``dest`` with ``safe_member`` checks; returns the member count."""
+    import tarfile  # here, not at the top: the agent is ready sooner
+
     os.makedirs(dest, exist_ok=True)
     root = os.path.realpath(dest)
     count = [0]
@@ -152,9 +153,13 @@ def extract_tar(stream, dest):
     def checked(archive):
         for member in archive:
             count[0] += 1
+            if count[0] % 1024 == 0:  # extractall keeps its own list of directories
+                del archive.members[:]
             yield safe_member(member, root)
 
-    with tarfile.open(fileobj=stream, mode="r|", bufsize=1 << 20) as archive:
+    # Mode "r:" over a forward-only reader: tarfile then copies each member's data
+    # straight from the decompressor to its file ("r|" buffers and re-slices it all).
+    with tarfile.open(fileobj=ForwardReader(stream), mode="r:") as archive:
         archive.copybufsize = 1 << 20
         options = {"numeric_owner": True}
         if hasattr(tarfile, "fully_trusted_filter"):  # our checks replace tarfile's filters
@@ -162,6 +167,42 @@ def extract_tar(stream, dest):
         archive.extractall(root, members=checked(archive), **options)
     sync_filesystem(root)
     return count[0]
+
+
+class ForwardReader:
+    """A stream that can only be read forward, seekable forward (what tarfile's "r:" needs)."""
+
+    def __init__(self, stream):
+        self.stream, self.position = stream, 0
+
+    def tell(self):
+        return self.position
+
+    def seek(self, offset, whence=os.SEEK_SET):
+        if whence != os.SEEK_SET or offset < self.position:
+            import tarfile
+            raise tarfile.StreamError("this tar archive needs seeking backwards "
+                                      "(a hard link to a file that is not there?)")
+        while self.position < offset:
+            if not self.read(min(offset - self.position, 1 << 20)):
+                break
+        return self.position
+
+    def read(self, size=-1):
+        """``size`` bytes (fewer only at the end of the stream)."""
+        if size is None or size < 0:
+            size = 1 << 20
+        data = self.stream.read(size)
+        if 0 < len(data) < size:
+            parts = [data]
+            while size > sum(map(len, parts)):
+                more = self.stream.read(size - sum(map(len, parts)))
+                if not more:
+                    break
+                parts.append(more)
+            data = b"".join(parts)
+        self.position += len(data)
+        return data
 
 
 def write_blocks(stream, dest):
