@@ -52,6 +52,7 @@ OFFSET = struct.Struct(">Q")
 # Bytes a relay waits for before reading (SO_RCVLOWAT): a shaped link delivers a few
 # segments at a time, and a loop turn per segment costs more CPU than moving the data.
 BATCH = 64 * 1024
+SINK_BATCH = 1 << 20        # the sink wakes up for this much data (or the end), not every segment
 HANDSHAKE_TIMEOUT = 10.0
 SOCKET_BUFFER = 4 << 20
 IO_TICK = 1.0               # longest blocking call before a thread checks for abort
@@ -65,6 +66,9 @@ class Ring:
 
     Offsets are absolute positions in the stream. ``head`` is the number of
     bytes received; a consumer's cursor is the number of bytes it has used.
+    Each waiter has its own condition, woken only when what it waits for is
+    there: a consumer reading in big batches (the sink) is not woken at every
+    segment the relay receives.
     """
 
     def __init__(self, size, total):
@@ -73,7 +77,9 @@ class Ring:
         self.head = 0
         self.reserved = 0               # bytes being received into the ring right now
         self.cursors, self.progress = {}, {}
-        self.cond = threading.Condition()
+        self.lock = threading.Lock()
+        self.room = threading.Condition(self.lock)   # the receiver waits for room
+        self.waiters = {}               # consumer -> (its condition, the head it waits for)
         self.aborted = False
 
     def start(self):
@@ -84,7 +90,7 @@ class Ring:
         oldest = min(self.cursors.values(), default=self.head)
         return self.size - (self.head - oldest)
 
-    def _wait(self, ready, timeout):
+    def _wait(self, cond, ready, timeout):
         end = time.monotonic() + timeout
         while not ready():
             if self.aborted:
@@ -92,13 +98,18 @@ class Ring:
             left = end - time.monotonic()
             if left <= 0:
                 return False
-            self.cond.wait(left)
+            cond.wait(left)
         return True
+
+    def _wake_consumers(self, everyone=False):
+        for cond, target in self.waiters.values():
+            if everyone or self.head >= target:
+                cond.notify()
 
     def slot(self, timeout):
         """A writable view after ``head`` (None if the ring stayed full for ``timeout``)."""
-        with self.cond:
-            if not self._wait(lambda: self._room() > 0, timeout):
+        with self.lock:
+            if not self._wait(self.room, lambda: self._room() > 0, timeout):
                 return None
             pos = self.head % self.size
             length = min(self._room(), self.size - pos, CHUNK, self.total - self.head)
@@ -106,43 +117,52 @@ class Ring:
             return self.view[pos:pos + length]
 
     def commit(self, count):
-        with self.cond:
+        with self.lock:
             self.head += count
             self.reserved = 0
-            self.cond.notify_all()
+            self._wake_consumers()
 
     def add(self, name, offset=None):
         """A new consumer; without an offset it holds everything kept until set."""
-        with self.cond:
+        with self.lock:
             self.cursors[name] = self.start() if offset is None else offset
             self.progress[name] = time.monotonic()
 
     def remove(self, name):
-        with self.cond:
+        with self.lock:
             self.cursors.pop(name, None)
             self.progress.pop(name, None)
-            self.cond.notify_all()
+            self.room.notify()
+            if name in self.waiters:
+                self.waiters[name][0].notify()
 
     def place(self, name, offset):
         """Move a new consumer to ``offset``; False if the ring no longer holds it."""
-        with self.cond:
+        with self.lock:
             if name not in self.cursors or offset < self.start():
                 self.cursors.pop(name, None)
-                self.cond.notify_all()
+                self.room.notify()
                 return False
             self.cursors[name] = offset
             self.progress[name] = time.monotonic()
             return True
 
-    def read(self, name, limit, timeout):
-        """A view of the bytes after ``name``'s cursor (b"" at the end or once removed,
-        None on timeout)."""
-        with self.cond:
+    def read(self, name, limit, timeout, batch=1):
+        """A view of the bytes after ``name``'s cursor, once ``batch`` bytes are there (or
+        the end); b"" at the end or once removed, None on timeout."""
+        with self.lock:
             cursor = self.cursors.get(name, self.total)
             if cursor >= self.total:
                 return b""
-            if not self._wait(lambda: self.head > self.cursors.get(name, self.total), timeout):
-                return None
+            target = min(cursor + batch, self.total)
+            if self.head < target:
+                self.waiters[name] = (threading.Condition(self.lock), target)
+                try:
+                    if not self._wait(self.waiters[name][0], lambda: self.head >= target
+                                      or name not in self.cursors, timeout):
+                        return None
+                finally:
+                    del self.waiters[name]
             cursor = self.cursors.get(name, self.total)
             if cursor >= self.total:
                 return b""
@@ -151,31 +171,34 @@ class Ring:
             return self.view[pos:pos + length]
 
     def advance(self, name, count):
-        with self.cond:
+        with self.lock:
             if name not in self.cursors:
                 return
             self.cursors[name] += count
             self.progress[name] = time.monotonic()
-            self.cond.notify_all()
+            self.room.notify()
 
     def idle(self, name, now):
-        """Seconds ``name`` has had data to take without taking any (0 when caught up)."""
+        """Seconds ``name`` has had data to take without taking any (0 when caught up
+        or waiting for a batch)."""
         cursor = self.cursors.get(name)
-        if cursor is None or cursor >= self.head:
+        if cursor is None or cursor >= self.head or name in self.waiters:
             return 0.0
         return now - self.progress[name]
 
     def abort(self):
-        with self.cond:
+        with self.lock:
             self.aborted = True
-            self.cond.notify_all()
+            self.room.notify_all()
+            self._wake_consumers(everyone=True)
 
 
 class RingReader:
     """The sink's file-like view of the stream, for the decompressors and tarfile."""
 
-    def __init__(self, ring, name="sink"):
+    def __init__(self, ring, name="sink", batch=SINK_BATCH):
         self.ring, self.name = ring, name
+        self.batch = max(1, min(batch, ring.size // 4))  # a batch must fit beside the others
 
     def readable(self):
         return True
@@ -183,7 +206,7 @@ class RingReader:
     def read(self, size=-1):
         size = CHUNK if size is None or size < 0 else size
         while True:
-            view = self.ring.read(self.name, size, IO_TICK)
+            view = self.ring.read(self.name, size, IO_TICK, self.batch)
             if view is not None:
                 data = bytes(view)
                 self.ring.advance(self.name, len(data))
@@ -365,7 +388,7 @@ class Agent:
     def state(self):
         now = time.monotonic()
         ring = self.ring
-        with ring.cond:
+        with ring.lock:
             full = ring._room() <= 0
             fwd = {name: [ring.cursors.get(name, 0), round(ring.idle(name, now), 1)]
                    for name in list(self.children)}
