@@ -133,6 +133,25 @@ def test_ownership_modes_links_and_devices_are_kept(places):
     assert os.major((dest / "null").stat().st_rdev) == 1
 
 
+def test_a_long_archive_keeps_hard_links_and_directory_modes(places):
+    """Thousands of members (the member list is trimmed on the way): links and modes still right."""
+    dest, _ = places
+    members = [_dir("etc", 0o700), _file("etc/first", b"1")]
+    members += [_file(f"etc/f{i}", b"%d" % i) for i in range(2500)]
+    members += [_hardlink("etc/again", "etc/first")]
+    assert _extract(_tar(*members), dest) == 2503
+    assert (dest / "etc/again").stat().st_ino == (dest / "etc/first").stat().st_ino
+    assert (dest / "etc/f2499").read_bytes() == b"2499"
+    assert (dest / "etc").stat().st_mode & 0o7777 == 0o700
+
+
+def test_a_hard_link_to_nothing_fails_the_extraction(places):
+    dest, outside = places
+    with pytest.raises((tarfile.TarError, KeyError)):
+        _extract(_tar(_file("a"), _hardlink("b", "missing")), dest)
+    _untouched(outside)
+
+
 PAYLOAD = os.urandom(300_000) + b"\0" * 700_000
 
 
