@@ -21,6 +21,9 @@ Memory: received data lives in one ring of ``ring`` bytes whatever the image
 size. A byte is overwritten only when the sink and every child have consumed
 it: a slow disk or a slow child slows the reader, hence the whole chain
 (backpressure). The ring also keeps the last ``ring`` bytes for repairs.
+Each data link has 4 MB of kernel buffer at both ends (``SOCKET_BUFFER``): a
+relay the scheduler holds back for a moment does not leave its child's link
+idle, and nothing waits in them while the chain keeps pace.
 
 What a node does with the data (decompress, extract, write) is in ``sinks``,
 sent ahead of this file in the same script (see ``launch.agent_source``).
@@ -54,7 +57,7 @@ OFFSET = struct.Struct(">Q")
 BATCH = 64 * 1024
 SINK_BATCH = 1 << 20        # the sink wakes up for this much data (or the end), not every segment
 HANDSHAKE_TIMEOUT = 10.0
-SOCKET_BUFFER = 4 << 20
+SOCKET_BUFFER = 4 << 20     # kernel buffer of each data link, each way
 IO_TICK = 1.0               # longest blocking call before a thread checks for abort
 
 
