@@ -239,7 +239,7 @@ class IpmiBackend:
 def _raw(session, bmc, password, command, data):
     """In the bounded thread: (session, response); IPMI errors become exceptions."""
     from pyghmi import exceptions
-    from pyghmi.ipmi import command as ipmi_command
+    ipmi_command = _ipmi_client()
     try:
         if session is None:
             session = ipmi_command.Command(bmc=bmc.address, userid=bmc.user.encode(),
@@ -255,6 +255,21 @@ def _raw(session, bmc, password, command, data):
         # a failed request like any other, tried again, not a bug of ours
         log.debug("BMC %s: pyghmi failed", _where(bmc), exc_info=exc)
         raise _Transient(f"{type(exc).__name__}: {exc}") from None
+
+
+def _ipmi_client():
+    """pyghmi's command module, with its two session-table locks made one.
+
+    pyghmi takes KEEPALIVE_SESSIONS then WAITING_SESSIONS when it sends, and the
+    reverse when a request times out: two threads doing both at once deadlock
+    every BMC call of the process for good. One reentrant lock cannot be taken in
+    two orders.
+    """
+    from pyghmi.ipmi import command
+    from pyghmi.ipmi.private import session
+
+    session.KEEPALIVE_SESSIONS = session.WAITING_SESSIONS
+    return command
 
 
 def _where(bmc):

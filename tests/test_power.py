@@ -287,3 +287,11 @@ def test_command_level_through_power(tmp_path, cfg):
 def test_importing_the_module_does_not_import_pyghmi():
     code = "import sys, kabin.power; assert not any(m.startswith('pyghmi') for m in sys.modules)"
     subprocess.run([sys.executable, "-c", code], check=True, cwd=Path(__file__).parent.parent)
+
+
+def test_pyghmi_session_tables_share_one_lock():
+    """pyghmi takes its two table locks in both orders: kabin makes them one (no deadlock)."""
+    from pyghmi.ipmi.private import session
+
+    power._ipmi_client()
+    assert session.KEEPALIVE_SESSIONS is session.WAITING_SESSIONS
