@@ -195,12 +195,13 @@ class ForwardReader:
             size = 1 << 20
         data = self.stream.read(size)
         if 0 < len(data) < size:
-            parts = [data]
-            while size > sum(map(len, parts)):
-                more = self.stream.read(size - sum(map(len, parts)))
+            parts, got = [data], len(data)
+            while got < size:
+                more = self.stream.read(size - got)
                 if not more:
                     break
                 parts.append(more)
+                got += len(more)
             data = b"".join(parts)
         self.position += len(data)
         return data
@@ -212,13 +213,7 @@ def write_blocks(stream, dest):
     flags = os.O_WRONLY
     if not (stat.S_ISBLK(existing) or stat.S_ISCHR(existing)):
         flags |= os.O_CREAT | os.O_TRUNC
-    fd = os.open(dest, flags, 0o644)
-    try:
-        with Flusher(lambda: os.fdatasync(fd)):
-            _copy_to_fd(stream, fd)
-        os.fsync(fd)
-    finally:
-        os.close(fd)
+    _write_file(stream, dest, flags)
 
 
 def store_file(raw, dest):
@@ -226,14 +221,19 @@ def store_file(raw, dest):
     parent = os.path.dirname(os.path.abspath(dest))
     os.makedirs(parent, exist_ok=True)
     tmp = f"{dest}.kabin-part"
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+    _write_file(raw, tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC)
+    os.replace(tmp, dest)
+
+
+def _write_file(stream, path, flags):
+    """Copy ``stream`` into ``path`` (written back as it goes), then fsync it."""
+    fd = os.open(path, flags, 0o644)
     try:
         with Flusher(lambda: os.fdatasync(fd)):
-            _copy_to_fd(raw, fd)
+            _copy_to_fd(stream, fd)
         os.fsync(fd)
     finally:
         os.close(fd)
-    os.replace(tmp, dest)
 
 
 def _copy_to_fd(stream, fd):
