@@ -98,6 +98,24 @@ def test_a_directory_replaces_a_symlink(places):
     _untouched(outside)
 
 
+def test_a_directory_written_into_cannot_become_a_link_later(places):
+    dest, outside = places
+    members = [_dir("d"), _file("d/a"), _symlink("d", str(outside)), _file("d/victim", b"evil")]
+    with pytest.raises(sinks.UnsafeMember, match="would replace a directory"):
+        _extract(_tar(*members), dest)
+    _untouched(outside)
+
+
+def test_a_path_through_an_inside_link_is_checked_again_after_the_link_changes(places):
+    dest, outside = places
+    members = [_dir("usr/lib"), _symlink("lib", "usr/lib"), _file("lib/a", b"mine"),
+               _symlink("lib", str(outside)), _file("lib/victim", b"evil")]
+    with pytest.raises(sinks.UnsafeMember, match="through a link"):
+        _extract(_tar(*members), dest)
+    assert (dest / "usr/lib/a").read_bytes() == b"mine"
+    _untouched(outside)
+
+
 @pytest.mark.parametrize("target", ["../outside/victim", "ABS"])
 def test_hard_links_out_are_refused(places, target):
     dest, outside = places

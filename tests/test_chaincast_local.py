@@ -8,11 +8,14 @@ import hashlib
 import io
 import logging
 import os
+import queue
 import re
 import signal
 import socket
 import subprocess
 import tarfile
+import threading
+import time
 
 import pytest
 from chaincast_support import make_tree, tree_digest, write_image
@@ -20,6 +23,7 @@ from chaincast_support import make_tree, tree_digest, write_image
 from kabin import records
 from kabin.chaincast import Broadcast, Options, open_image
 from kabin.chaincast.launch import LocalLauncher
+from kabin.chaincast.sender import Source
 
 PORTS = (25400, 25420)
 FAST = {"stall_timeout": 3.0, "interval": 0.2, "timeout": 90.0, "start_timeout": 30.0}
@@ -256,3 +260,46 @@ def test_usage_errors(args, message):
                           text=True, check=False, timeout=30)
     assert done.returncode == 2
     assert message in done.stderr and done.stdout == ""
+
+
+def test_a_relay_keeps_every_byte_until_its_children_are_named(tmp_path):
+    """Data may reach a relay before the command naming its child: the child still gets
+    the stream from byte 0 from that relay (not from the source)."""
+    image, disk = _paced_image(tmp_path, 1)
+    ring, token, events = 64 << 10, "t" * 32, queue.Queue()
+    names = ["node-1", "node-2"]
+    handles = {name: LocalLauncher().start(name, {
+        "name": name, "token": token, "size": image.size, "kind": "dd", "compression": "none",
+        "store": False, "dest": str(tmp_path / f"{name}.disk"), "ports": list(PORTS),
+        "bind": address(i), "ring": ring, "interval": 0.1, "deadline": 60}, events, 10)
+        for i, name in enumerate(names, 1)}
+    ports = dict(_events_until(events, lambda name, ev: ev["ev"] == "ready",
+                               lambda seen: len(seen) == 2, key="port"))
+    source = Source(image.path, image.size, token, events, threading.Event())
+    try:
+        source.set_children([["node-1", address(1), ports["node-1"]]])
+        _events_until(events, lambda name, ev: ev["ev"] == "state" and ev["recv"] >= ring,
+                      lambda seen: "node-1" in seen, key="recv")
+        handles["node-1"].send({"cmd": "children",
+                                "children": [["node-2", address(2), ports["node-2"]]]})
+        handles["node-2"].send({"cmd": "children", "children": []})
+        done = _events_until(events, lambda name, ev: ev["ev"] in ("done", "cannot-serve"),
+                             lambda seen: len(seen) == 2, key="ev")
+    finally:
+        source.close()
+        for handle in handles.values():
+            handle.close()
+    assert done == {"node-1": "done", "node-2": "done"}
+    assert (tmp_path / "node-2.disk").read_bytes() == disk
+
+
+def _events_until(events, wanted, enough, key, timeout=30.0):
+    """{node: event[key]} of the ``wanted`` events, once ``enough`` of them (or fail)."""
+    seen, end = {}, time.monotonic() + timeout
+    while not enough(seen):
+        name, event = events.get(timeout=max(0.0, end - time.monotonic()))
+        if event["ev"] in ("fatal", "exit", "child-lost", "sink-failed"):
+            pytest.fail(f"{name}: {event}")
+        if wanted(name, event):
+            seen[name] = event[key]
+    return seen

@@ -6,11 +6,13 @@ a tiny bootstrap that reads this source from stdin (see ``sender.bootstrap``);
 after the source, stdin carries commands and stdout carries events, one JSON
 object per line:
 
-- first line in: the job (token, size, kind, compression, dest, ports, ...);
+- the job (token, size, kind, compression, dest, ports, ...) comes with the
+  agent itself (see ``launch.agent_start``), or as the first line in;
 - out: ``ready`` (port, pid), then ``state`` every ``interval`` seconds (the
   offsets and idle times the sender needs to find a stalled node), ``child-lost``,
   ``cannot-serve``, ``sink-failed``, ``done`` (bytes, sha256, time), ``fatal``;
-- in: ``children`` (the nodes to forward to); EOF on stdin ends the agent.
+- in: ``children`` (the nodes to forward to: every node gets it, leaves an empty
+  list, and until then its ring keeps all it receives); EOF on stdin ends the agent.
 
 Data (plain TCP, ports from the configured range): a parent connects to its child
 and sends ``MAGIC token name``; the child answers with its offset (8 bytes), the
@@ -29,7 +31,6 @@ What a node does with the data (decompress, extract, write) is in ``sinks``,
 sent ahead of this file in the same script (see ``launch.agent_source``).
 """
 
-import json
 import os
 import socket
 import struct
@@ -58,6 +59,9 @@ BATCH = 64 * 1024
 SINK_BATCH = 1 << 20        # the sink wakes up for this much data (or the end), not every segment
 HANDSHAKE_TIMEOUT = 10.0
 SOCKET_BUFFER = 4 << 20     # kernel buffer of each data link, each way
+# The ring keeps every byte until the sender names our children (if any): data may
+# arrive before that command does, and the children will start from byte 0.
+HOLD = "(children not known yet)"
 IO_TICK = 1.0               # longest blocking call before a thread checks for abort
 
 
@@ -232,6 +236,7 @@ class Agent:
         self.total = job["size"]
         self.ring = Ring(min(job["ring"], max(self.total, 1)), self.total)
         self.ring.add("sink", 0)
+        self.ring.add(HOLD, 0)              # until the children are known (see set_children)
         self.digest = None                  # made by the receiving thread (imports cost start-up time)
         self.started = time.monotonic()
         self.last_recv = self.started
@@ -247,8 +252,17 @@ class Agent:
     # -------------------------------------------------------- events
 
     def emit(self, event, **fields):
+        import json  # not at the top: the agent is ready sooner
+
         fields["ev"] = event
-        line = json.dumps(fields) + "\n"
+        self._write(json.dumps(fields) + "\n")
+
+    def emit_ready(self):
+        """The first event, written by hand: json is imported once the sender knows we are up."""
+        self._write('{"ev": "ready", "port": %d, "pid": %d}\n'
+                    % (self.listener.getsockname()[1], os.getpid()))
+
+    def _write(self, line):
         with self.lock:
             try:
                 self.out.write(line)
@@ -387,6 +401,7 @@ class Agent:
         for name, (_, address, port) in wanted.items():
             if name not in self.children or self.children[name].finished:
                 self.children[name] = Forwarder(self, name, address, port)
+        self.ring.remove(HOLD)
 
     def state(self):
         now = time.monotonic()
@@ -540,21 +555,25 @@ def _start(target):
     threading.Thread(target=target, daemon=True).start()
 
 
-def run(stdin, stdout):
-    """Serve one job: read the job line, then the commands, until EOF."""
-    job = json.loads(stdin.readline())
+def run(stdin, stdout, job=None):
+    """Serve one job (read from the first line if not given), then the commands, until EOF."""
+    if job is None:
+        import json
+        job = json.loads(stdin.readline())
     try:
         agent = Agent(job, stdout)
     except OSError as exc:
+        import json
         stdout.write(json.dumps({"ev": "fatal", "reason": _reason(exc)}) + "\n")
         stdout.flush()
         return 3
     timer = threading.Timer(job["deadline"], os._exit, args=(4,))
     timer.daemon = True
     timer.start()
-    agent.emit("ready", port=agent.listener.getsockname()[1], pid=os.getpid())
+    agent.emit_ready()
     for target in (agent.accept_loop, agent.receive_loop, agent.sink_loop, agent.report_loop):
         _start(target)
+    import json
     for line in stdin:  # until the sender closes our stdin (or goes away)
         command = json.loads(line)
         if command["cmd"] == "children":
@@ -566,7 +585,7 @@ def run(stdin, stdout):
 
 def main():
     stdin = os.fdopen(0, "r", buffering=1, closefd=False)
-    code = run(stdin, sys.stdout)
+    code = run(stdin, sys.stdout, globals().get("KABIN_JOB"))  # given by launch's bootstrap
     sys.stdout.flush()
     os._exit(code)  # daemon threads may be blocked in I/O: do not wait for them
 

@@ -150,7 +150,7 @@ class Broadcast:
                              self.options.max_rate)
         self.wired = time.monotonic()
         log.debug("%s order: %s", self.options.method, " ".join(ordered))
-        for sender in [s for s in self.topology.children if s is not SOURCE] + [SOURCE]:
+        for sender in ordered + [SOURCE]:  # every node, leaves too: its ring holds data till then
             self._send_children(sender)
 
     def _watch(self):

@@ -1,8 +1,8 @@
 """Starting relay agents: over SSH on the nodes, or as local processes.
 
-The agent's source travels on the agent's stdin behind a tiny bootstrap, so
-nothing has to be installed on the node but python3. After the source, stdin
-carries the job and the commands; stdout carries the agent's events, which a
+The agent (compiled, and as source) and its job travel on the agent's stdin
+behind a tiny bootstrap, so nothing has to be installed on the node but
+python3. After them, stdin carries the commands; stdout carries the agent's events, which a
 reader thread puts on the broadcast's event queue as ``(node, event)``. When
 the agent's output ends, the reader puts an ``exit`` event with the reason.
 
@@ -11,8 +11,10 @@ address per node, e.g. 127.0.X.Y): the tests use it, and so can a single host
 that fills several local disks.
 """
 
+import functools
 import json
 import logging
+import marshal
 import shlex
 import subprocess
 import sys
@@ -24,14 +26,19 @@ from ..ssh import close_quietly
 
 log = logging.getLogger(__name__)
 
-BOOTSTRAP = """import os,sys
-n=%d
-b=b""
-while len(b)<n:
-    c=os.read(0,n-len(b))
-    if not c:sys.exit("kabin chaincast agent: source truncated")
-    b+=c
-exec(compile(b,"kabin-chaincast-agent","exec"))
+# The bootstrap reads, from stdin, the agent compiled by the sender's python (run when
+# the node's python has the same bytecode: compiling costs a node more than starting
+# python), the agent's source (for any other python) and the job.
+BOOTSTRAP = """import marshal,os,sys
+def r(n):
+ b=b""
+ while len(b)<n:
+  c=os.read(0,n-len(b))
+  if not c:sys.exit("kabin chaincast agent: start truncated")
+  b+=c
+ return b
+c,s,j=r(%d),r(%d),r(%d)
+exec(marshal.loads(c) if sys.implementation.cache_tag==%r else compile(s,"kabin-chaincast-agent","exec"),{"__name__":"__main__","KABIN_JOB":marshal.loads(j)})
 """
 EXIT_WAIT = 5.0  # how long to wait for an exit status once the output has ended
 
@@ -42,9 +49,18 @@ def agent_source():
     return (here / "sinks.py").read_bytes() + b"\n" + (here / "agent.py").read_bytes()
 
 
-def agent_argv(python, source):
-    """The command line of an agent whose ``source`` is sent first on its stdin."""
-    return [python, "-c", BOOTSTRAP % len(source), "kabin-chaincast-agent"]
+@functools.lru_cache(maxsize=1)
+def _program():
+    source = agent_source()
+    return marshal.dumps(compile(source, "kabin-chaincast-agent", "exec")), source
+
+
+def agent_start(python, job):
+    """(argv, stdin) of an agent: its command line, and what to send it first."""
+    code, source = _program()
+    packed = marshal.dumps(job)
+    bootstrap = BOOTSTRAP % (len(code), len(source), len(packed), sys.implementation.cache_tag)
+    return [python, "-c", bootstrap, "kabin-chaincast-agent"], code + source + packed
 
 
 class AgentHandle:
@@ -129,11 +145,11 @@ class LocalLauncher:
         self.python = python or sys.executable
 
     def start(self, node, job, events, timeout):
-        source = agent_source()
-        proc = subprocess.Popen(agent_argv(self.python, source), stdin=subprocess.PIPE,
-                                stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+        argv, start = agent_start(self.python, job)
+        proc = subprocess.Popen(argv, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                                stderr=subprocess.PIPE)
         handle = _LocalHandle(node, events, proc)
-        handle._write(source + (json.dumps(job) + "\n").encode())
+        handle._write(start)
         handle.start_reader(proc.stdout)
         return handle
 
@@ -182,12 +198,11 @@ class SshLauncher:
         self.pool, self.python = pool, python
 
     def start(self, node, job, events, timeout):
-        source = agent_source()
-        command = " ".join(shlex.quote(a) for a in agent_argv(self.python, source))
-        channel = self.pool.open(node, "exec " + command, timeout)
+        argv, start = agent_start(self.python, job)
+        channel = self.pool.open(node, "exec " + " ".join(shlex.quote(a) for a in argv), timeout)
         handle = _SshHandle(node, events, channel, self.pool)
         try:
-            handle._write(source + (json.dumps(job) + "\n").encode())
+            handle._write(start)
         except (OSError, EOFError) as exc:
             close_quietly(channel)
             raise OSError(f"cannot send the agent: {exc}") from None

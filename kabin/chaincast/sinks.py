@@ -3,7 +3,7 @@
 Standard library only (3.7+), plus ``zstandard`` when present (else the
 ``zstd`` command): this file is sent to the nodes ahead of ``agent.py``.
 
-Tar extraction uses Python's tarfile with our own checks (``safe_member``)
+Tar extraction uses Python's tarfile with our own checks (``MemberGuard``)
 rather than the node's tar: the checks are explicit and tested, and do not
 depend on which tar (GNU, busybox) the deployment environment ships. Absolute
 names are made relative (as GNU tar does), names leaving the destination are
@@ -14,7 +14,6 @@ An unsafe member fails the node (the node keeps relaying). What tarfile does
 not restore: extended attributes (file capabilities, SELinux labels).
 """
 
-import copy
 import os
 import stat
 import threading
@@ -107,30 +106,48 @@ def _inside(path, root):
     return path == root or path.startswith(root.rstrip(os.sep) + os.sep)
 
 
-def safe_member(member, root):
-    """Check ``member`` just before it is extracted under ``root`` (a real path).
+class MemberGuard:
+    """Checks each tar member just before it is extracted under ``root`` (a real path).
 
-    Returns the member to extract (leading '/' removed); raises UnsafeMember.
-    Runs against the tree as extracted so far, so links made by earlier
-    members are taken into account.
+    The checks run against the tree as extracted so far, so links made by
+    earlier members are taken into account. A directory found real all the way
+    from ``root`` (no link on its path) is remembered: extraction never removes
+    a directory (see ``_clear``), so it stays safe to write into, and the next
+    members there cost no walk of their path.
     """
-    name = member.name.lstrip("/") or "."
-    target = os.path.normpath(os.path.join(root, name))
-    if not _inside(target, root) or (target == root and not member.isdir()):
-        raise UnsafeMember(f"member {member.name!r} leaves the destination")
-    if target != root and not _inside(os.path.realpath(os.path.dirname(target)), root):
-        raise UnsafeMember(f"member {member.name!r} would be written through a link leading "
-                           "out of the destination")
-    safe = copy.copy(member)
-    safe.name = name
-    if member.islnk():
-        safe.linkname = member.linkname.lstrip("/")
-        if not _inside(os.path.realpath(os.path.join(root, safe.linkname)), root):
-            raise UnsafeMember(f"hard link {member.name!r} points out of the destination "
-                               f"({member.linkname!r})")
-    if target != root and os.path.lexists(target):
-        _clear(target, member)
-    return safe
+
+    def __init__(self, root):
+        self.root = root
+        self.real_dirs = {root}
+
+    def check(self, member):
+        """Returns ``member`` ready to extract (leading '/' removed); raises UnsafeMember."""
+        root = self.root
+        name = member.name.lstrip("/") or "."
+        target = os.path.normpath(os.path.join(root, name))
+        if not _inside(target, root) or (target == root and not member.isdir()):
+            raise UnsafeMember(f"member {member.name!r} leaves the destination")
+        if target != root and not self._inside_parent(os.path.dirname(target)):
+            raise UnsafeMember(f"member {member.name!r} would be written through a link "
+                               "leading out of the destination")
+        if member.islnk():
+            linkname = member.linkname.lstrip("/")
+            if not _inside(os.path.realpath(os.path.join(root, linkname)), root):
+                raise UnsafeMember(f"hard link {member.name!r} points out of the destination "
+                                   f"({member.linkname!r})")
+            member.linkname = linkname
+        member.name = name
+        if target != root and os.path.lexists(target):
+            _clear(target, member)
+        return member
+
+    def _inside_parent(self, parent):
+        if parent in self.real_dirs:
+            return True
+        real = os.path.realpath(parent)
+        if real == parent and os.path.isdir(parent):
+            self.real_dirs.add(parent)
+        return _inside(real, self.root)
 
 
 def _clear(target, member):
@@ -143,19 +160,19 @@ def _clear(target, member):
 
 
 def extract_tar(stream, dest):
-    """Extract a tar stream into ``dest`` with ``safe_member`` checks; returns the member count."""
+    """Extract a tar stream into ``dest`` with ``MemberGuard`` checks; returns the member count."""
     import tarfile  # here, not at the top: the agent is ready sooner
 
     os.makedirs(dest, exist_ok=True)
     root = os.path.realpath(dest)
-    count = [0]
+    guard, count = MemberGuard(root), [0]
 
     def checked(archive):
         for member in archive:
             count[0] += 1
             if count[0] % 1024 == 0:  # extractall keeps its own list of directories
                 del archive.members[:]
-            yield safe_member(member, root)
+            yield guard.check(member)
 
     # Mode "r:" over a forward-only reader: tarfile then copies each member's data
     # straight from the decompressor to its file ("r|" buffers and re-slices it all).
