@@ -85,6 +85,15 @@ def test_nodes_are_reached_from_the_frontend_namespace(netbed):
     assert "is on" in out.stdout
 
 
+def test_switches_do_not_run_the_hosts_netfilter(netbed):
+    from kabin.testbed.netns import BRIDGE_NETFILTER
+
+    script = "; ".join(f"cat {path} 2>/dev/null || echo absent" for path in BRIDGE_NETFILTER)
+    out = subprocess.run(in_netns(netbed.layout.switch_netns, "sh", "-c", script),
+                         capture_output=True, text=True, timeout=30, check=True)
+    assert set(out.stdout.split()) <= {"0", "absent"}, out.stdout
+
+
 def test_the_host_does_not_reach_the_nodes(netbed):
     node = netbed.nodes[0]
     direct = subprocess.run(netbed.ssh_argv(node, "true")[:1] + ["-o", "ConnectTimeout=3"]
