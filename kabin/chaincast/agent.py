@@ -2,9 +2,8 @@
 
 It needs only Python's standard library (3.7+), plus the ``zstandard`` module for
 zstd images when present (else the ``zstd`` command). The sender starts it with
-a tiny bootstrap that reads this source from stdin (see ``sender.bootstrap``);
-after the source, stdin carries commands and stdout carries events, one JSON
-object per line:
+a tiny bootstrap that reads it from stdin (see ``launch.agent_start``); after it,
+stdin carries commands and stdout carries events, one JSON object per line:
 
 - the job (token, size, kind, compression, dest, ports, ...) comes with the
   agent itself (see ``launch.agent_start``), or as the first line in;
@@ -252,15 +251,13 @@ class Agent:
     # -------------------------------------------------------- events
 
     def emit(self, event, **fields):
-        import json  # not at the top: the agent is ready sooner
-
         fields["ev"] = event
-        self._write(json.dumps(fields) + "\n")
+        self._write(_json().dumps(fields) + "\n")
 
     def emit_ready(self):
         """The first event, written by hand: json is imported once the sender knows we are up."""
-        self._write('{"ev": "ready", "port": %d, "pid": %d}\n'
-                    % (self.listener.getsockname()[1], os.getpid()))
+        port = self.listener.getsockname()[1]
+        self._write(f'{{"ev": "ready", "port": {port}, "pid": {os.getpid()}}}\n')
 
     def _write(self, line):
         with self.lock:
@@ -551,6 +548,11 @@ def _reason(exc):
     return f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__
 
 
+def _json():
+    import json  # here, not at the top: the agent is ready sooner (see Agent.emit_ready)
+    return json
+
+
 def _start(target):
     threading.Thread(target=target, daemon=True).start()
 
@@ -558,13 +560,11 @@ def _start(target):
 def run(stdin, stdout, job=None):
     """Serve one job (read from the first line if not given), then the commands, until EOF."""
     if job is None:
-        import json
-        job = json.loads(stdin.readline())
+        job = _json().loads(stdin.readline())
     try:
         agent = Agent(job, stdout)
     except OSError as exc:
-        import json
-        stdout.write(json.dumps({"ev": "fatal", "reason": _reason(exc)}) + "\n")
+        stdout.write(_json().dumps({"ev": "fatal", "reason": _reason(exc)}) + "\n")
         stdout.flush()
         return 3
     timer = threading.Timer(job["deadline"], os._exit, args=(4,))
@@ -573,9 +573,9 @@ def run(stdin, stdout, job=None):
     agent.emit_ready()
     for target in (agent.accept_loop, agent.receive_loop, agent.sink_loop, agent.report_loop):
         _start(target)
-    import json
+    decode = _json().loads
     for line in stdin:  # until the sender closes our stdin (or goes away)
-        command = json.loads(line)
+        command = decode(line)
         if command["cmd"] == "children":
             agent.set_children(command["children"])
     agent.closing.set()

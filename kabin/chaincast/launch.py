@@ -2,9 +2,10 @@
 
 The agent (compiled, and as source) and its job travel on the agent's stdin
 behind a tiny bootstrap, so nothing has to be installed on the node but
-python3. After them, stdin carries the commands; stdout carries the agent's events, which a
-reader thread puts on the broadcast's event queue as ``(node, event)``. When
-the agent's output ends, the reader puts an ``exit`` event with the reason.
+python3. After them, stdin carries the commands; stdout carries the agent's
+events, which a reader thread puts on the broadcast's event queue as
+``(node, event)``. When the agent's output ends, the reader puts an ``exit``
+event with the reason.
 
 ``LocalLauncher`` runs the same agents as processes of this machine (one
 address per node, e.g. 127.0.X.Y): the tests use it, and so can a single host
