@@ -224,6 +224,24 @@ def test_ring_keeps_the_last_bytes_for_repairs():
     assert ring.idle("child", now=ring.progress["child"] + 5) == 5
 
 
+def _resident_mb():
+    with open("/proc/self/status") as status:
+        return next(int(line.split()[1]) for line in status if line.startswith("VmRSS:")) / 1024
+
+
+def test_ring_memory_is_taken_as_data_lands_not_at_start():
+    before = _resident_mb()
+    ring = agent.Ring(256 << 20, total=1 << 30)
+    assert _resident_mb() - before < 16       # an agent starts without paying for its ring
+    ring.add("sink", 0)
+    while ring.head < 64 << 20:               # 64 MB received
+        view = ring.slot(0.1)
+        view[:] = b"x" * len(view)
+        ring.commit(len(view))
+        ring.advance("sink", len(view))
+    assert _resident_mb() - before > 56
+
+
 def test_ring_read_ends_once_the_consumer_is_removed():
     ring = agent.Ring(1024, total=4096)
     ring.add("child", 0)

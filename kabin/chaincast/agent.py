@@ -30,6 +30,7 @@ What a node does with the data (decompress, extract, write) is in ``sinks``,
 sent ahead of this file in the same script (see ``launch.agent_source``).
 """
 
+import mmap
 import os
 import socket
 import struct
@@ -79,7 +80,9 @@ class Ring:
 
     def __init__(self, size, total):
         self.size, self.total = size, total
-        self.view = memoryview(bytearray(size))
+        # Anonymous memory: its pages are taken as data lands. A bytearray would be
+        # zeroed whole at start-up (16 ms of CPU for 16 MB: a tenth of a node's start).
+        self.view = memoryview(mmap.mmap(-1, size))
         self.head = 0
         self.reserved = 0               # bytes being received into the ring right now
         self.cursors, self.progress = {}, {}

@@ -14,6 +14,7 @@ An unsafe member fails the node (the node keeps relaying). What tarfile does
 not restore: extended attributes (file capabilities, SELinux labels).
 """
 
+import functools
 import os
 import stat
 import threading
@@ -297,11 +298,18 @@ def sync_filesystem(path):
     """Flush the filesystem holding ``path`` (syncfs when the C library has it)."""
     fd = os.open(path, os.O_RDONLY)
     try:
-        import ctypes
-        libc = ctypes.CDLL(None, use_errno=True)
-        if libc.syncfs(fd) != 0:
+        syncfs = _syncfs()
+        if syncfs is None or syncfs(fd) != 0:
             os.sync()
-    except (ImportError, AttributeError, OSError):
-        os.sync()
     finally:
         os.close(fd)
+
+
+@functools.lru_cache(maxsize=1)
+def _syncfs():
+    """The C library's syncfs (looked up once: the Flusher calls it every second), or None."""
+    try:
+        import ctypes
+        return ctypes.CDLL(None, use_errno=True).syncfs
+    except (ImportError, AttributeError, OSError):
+        return None
