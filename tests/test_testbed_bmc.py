@@ -278,6 +278,22 @@ def test_sessions_left_open_do_not_exhaust_the_bmc(farm):
     assert power_status(address(1)) == "off"
 
 
+def test_an_open_session_request_sent_again_opens_one_session(farm):
+    """ipmitool resends its request when our answer is late: it then closes one session only."""
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as sock:
+        sock.settimeout(5)
+        replies = []
+        for _ in range(3):
+            sock.sendto(_open_request(77), (address(1), PORT))
+            replies.append(sock.recv(512))
+        sock.sendto(_open_request(78), (address(1), PORT))  # another one: a new session
+        other = sock.recv(512)
+    managed = {reply[24:28] for reply in replies}
+    assert all(reply[5] == 0x11 and reply[17] == 0 for reply in replies + [other])
+    assert len(managed) == 1 and other[24:28] not in managed
+    assert len(farm.bmcs[0].sessions) == 2
+
+
 def test_each_bmc_binds_its_own_address(farm, nodes, journal):
     assert [b.serversocket.getsockname() for b in farm.bmcs] == \
         [(address(i + 1), PORT) for i in range(4)]

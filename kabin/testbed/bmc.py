@@ -18,6 +18,8 @@ hold at scale is replaced here, in our code:
   its own table keyed by its session ID, which the client puts in every packet
   (in the payload for RAKP 1 and 3). Sessions end on Close Session, expire after
   60 s idle and are bounded per BMC (the least recently used one is evicted).
+  An Open Session Request sent again (the client's retry) gets the session it
+  opened, not a second one that nobody would close.
 - Cipher suites. pyghmi answers any Open Session Request with suite 3: a client
   proposing 17 (SHA-256: pyghmi's own client, ``ipmitool -C 17``) crashes in
   RAKP 2. Suites 3 and 17 are implemented and advertised here; any other proposal
@@ -134,7 +136,10 @@ class _Session:
         self.rakp1 = self.rakp2 = self.rakp4 = None
         self.last_request = self.last_reply = self.sent = None
         self.last_used = time.monotonic()
-        _send_plain(self.socket, peer, _OPEN_RESPONSE, self._open_response(request[0]))
+        self.answer_open(request[0])
+
+    def answer_open(self, tag):
+        _send_plain(self.socket, self.sockaddr, _OPEN_RESPONSE, self._open_response(tag))
 
     def _open_response(self, tag):
         def algorithm(kind, number):
@@ -281,9 +286,18 @@ class _NodeBmc:
             _send_plain(self.serversocket, peer, _OPEN_RESPONSE,
                         bytes([request[0], status, 0, 0]) + bytes(request[4:8]))
             return
+        again = self._opening(peer, bytes(request[4:8]), suite)
+        if again is not None:  # our answer was lost or late: the same session, not a second one
+            again.answer_open(request[0])
+            return
         self._make_room()
         session = self._session_class(self, peer, request, suite)
         self.sessions[session.managedsessionid] = session
+
+    def _opening(self, peer, client_session_id, suite):
+        """The session ``peer`` opened with this id and suite and has not started to use, if any."""
+        return next((s for s in self.sessions.values() if s.sockaddr == peer and s.rakp1 is None
+                     and s.clientsessionid == client_session_id and s.suite is suite), None)
 
     def _make_room(self):
         """Forget idle sessions (clients that never closed theirs), then the oldest if full."""
