@@ -9,6 +9,7 @@ import json
 import os
 import subprocess
 import tarfile
+import time
 
 import pytest
 from chaincast_support import (
@@ -110,6 +111,35 @@ def test_a_node_dying_mid_stream(testbed, tmp_path):
         testbed.wait_booted("node-4", "deploy")
         for node in ALL:
             testbed.ssh(node, "rm -f /tmp/disk.img")
+
+
+def test_a_node_whose_reports_are_late_but_takes_data_is_not_failed(testbed, tmp_path):
+    """node-3's sshd session is frozen: its reports stop while its agent keeps taking data
+    (as when they share its saturated link with the data). It is alive: not failed."""
+    disk = os.urandom(24 << 20)
+    image = tmp_path / "disk.img"
+    image.write_bytes(disk)
+    session = "$(ps -o ppid= -p $(pgrep -f kabin-chaincast-agen[t]))"  # the agent's sshd
+    proc = subprocess.Popen(["ka-chaincast", "--stall-timeout", "2", "-m", NODES, "--image",
+                             str(image), "--kind", "dd", "--to", "/tmp/late.img",
+                             "--max-rate", "2"],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            env=testbed.env)
+    try:
+        on_node(testbed, "node-3", "timeout 60 sh -c 'until [ $(stat -c %s /tmp/late.img "
+                                   "2>/dev/null || echo 0) -gt 2000000 ]; do sleep 0.1; done'")
+        on_node(testbed, "node-3", f"kill -STOP {session}")
+        time.sleep(3 * 2 + 1)  # frozen for more than twice the stall timeout
+        on_node(testbed, "node-3", f"kill -CONT {session}")
+        out, err = proc.communicate(timeout=120)
+    finally:
+        testbed.ssh("node-3", f"kill -CONT {session}")
+        proc.kill()
+        for node in ALL:
+            testbed.ssh(node, "rm -f /tmp/late.img")
+    assert proc.returncode == 0, err
+    results = {r["node"]: r for r in map(json.loads, out.splitlines())}
+    assert_ok(results, ALL, hashlib.sha256(disk).hexdigest())
 
 
 def test_a_full_disk_fails_that_node_with_the_reason(testbed, tmp_path, tar_source):

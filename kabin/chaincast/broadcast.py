@@ -59,6 +59,8 @@ class _Node:
     heard: float = 0.0
     status: str | None = None        # ok | ko once the node's record is out
     usage: dict | None = None        # the agent's CPU seconds and peak memory when it was done
+    fed: float = 0.0                 # when its parent last reported it took data (a sign of life)
+    fed_offset: int = -1             # the offset its parent reported then
 
 
 class Broadcast:
@@ -180,6 +182,7 @@ class Broadcast:
         node = self.nodes.get(name)
         if kind == "state" and node:
             node.state, node.heard = event, time.monotonic()
+            self._note_feeding(event, node.heard)
         elif kind == "started":
             yield from self._started(name, event)
         elif kind == "ready":
@@ -275,14 +278,24 @@ class Broadcast:
 
     def _check_stalls(self):
         limit, now = self.options.stall_timeout, time.monotonic()
+        source_state = self.source.state()
+        self._note_feeding(source_state, now)
         silent = [name for name in list(self.topology.parent)
-                  if now - self.nodes[name].heard > limit]
+                  if now - max(self.nodes[name].heard, self.nodes[name].fed) > limit]
         for name in silent:
             yield from self._fail(name, f"not responding for {limit:.0f} s", kill=True)
         states = {name: self.nodes[name].state for name in self.topology.parent}
-        states[SOURCE] = self.source.state()
+        states[SOURCE] = source_state
         for name, reason in stalled_nodes(self.topology, states, limit):
             yield from self._fail(name, reason, kill=True)
+
+    def _note_feeding(self, state, now):
+        """A child whose offset moved since its parent's last report took data: it is alive,
+        even when its own reports are late (they share its saturated link with the data)."""
+        for child, (offset, _) in state.get("fwd", {}).items():
+            node = self.nodes.get(child)
+            if node is not None and offset is not None and offset > node.fed_offset:
+                node.fed_offset, node.fed = offset, now
 
     def _time_out(self):
         why = "interrupted" if self.stop.is_set() else f"timeout after {self.options.timeout:.0f} s"
