@@ -20,6 +20,10 @@ Tiers:
             first hop is shaped: what is measured is the pipeline's overhead and
             whether 2 CPUs keep up with N relays at that rate).
 
+Netns tier, first: the floor of this machine for the largest N, what a relay
+that only forwards (no disk, no hash, no tar) costs here: SSH to every node plus
+python's start, then the image through a chain of such relays.
+
 For each N (same run): T(N) (agents' start over SSH included, shown apart),
 the ideal S/B, T(N) / (S/B), T(N) / T(2); the serial baseline (N one-node
 broadcasts; ``--serial K`` measures K of them and scales to N); one node killed
@@ -165,12 +169,71 @@ class Netns:
         finally:
             proc.wait(timeout=30)
 
+    def floor(self, count):
+        """(start, stream) seconds of the least any relay costs here, on ``count`` nodes.
+
+        start: SSH to every node at once and run ``python3 -c pass`` there (kabin's pool).
+        stream: the image through a chain of relays that only forward (recv, send: no
+        disk, no hash, no tar), started beforehand, from the first byte sent to the
+        tail's last one.
+        """
+        import socket
+        from concurrent.futures import ThreadPoolExecutor
+
+        from kabin.ssh import SshPool
+
+        names = [f"node-{i}" for i in range(1, count + 1)]
+        start = time.monotonic()
+        with SshPool(self.config) as pool, ThreadPoolExecutor(count) as threads:
+            assert all(r.ok for r in threads.map(lambda n: pool.run(n, "python3 -c pass", 60),
+                                                  names))
+        started = time.monotonic() - start
+        relays = [self._forwarder(name, names[i + 1] if i + 1 < count else None)
+                  for i, name in reversed(list(enumerate(names)))]  # the tail listens first
+        try:
+            sock = socket.create_connection((self.testbed.address(names[0]), PORTS[1]), 20)
+            start = time.monotonic()
+            with open(self.image.path, "rb") as image:
+                sock.sendfile(image, 0, self.image.size)
+            sock.shutdown(socket.SHUT_WR)
+            sock.recv(1)  # node-1 closes once the whole chain has everything
+            return started, time.monotonic() - start
+        finally:
+            for proc in relays:
+                proc.wait(timeout=30)
+
+    def _forwarder(self, name, following):
+        argv = self.testbed.ssh_argv(name, f"exec python3 -c '{FORWARDER}' {PORTS[1]} "
+                                           f"{self.testbed.address(following) if following else '-'}")
+        proc = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL)
+        proc.stdout.readline()  # listening
+        return proc
+
     def _clean(self, names):
         for name in names:
             self.testbed.ssh(name, f"rm -rf {self.DEST}")
 
     def close(self):
         pass
+
+
+# A relay that only forwards: python3 -c FORWARDER PORT NEXT|-
+FORWARDER = """import socket, sys
+server = socket.create_server(("", int(sys.argv[1])))
+print(flush=True)
+down = None if sys.argv[2] == "-" else socket.create_connection((sys.argv[2], int(sys.argv[1])))
+up, view = server.accept()[0], memoryview(bytearray(1 << 20))
+while True:
+    count = up.recv_into(view)
+    if not count:
+        break
+    if down:
+        down.sendall(view[:count])
+if down:
+    down.shutdown(socket.SHUT_WR)
+    down.recv(1)
+up.close()
+"""
 
 
 def _connect_retrying(address, timeout):
@@ -202,6 +265,11 @@ def measure(tier, image, count, rate, serial, label):
         tcp = tier.tcp_rate(image.size)
         print(f"one plain TCP stream on a shaped link: {tcp * 8 / 1e6:.1f} Mbit/s, "
               f"S/B_tcp = {image.size / tcp:.1f} s", flush=True)
+    if hasattr(tier, "floor"):
+        started, stream = tier.floor(count[-1])
+        print(f"floor here for {count[-1]} relays that only forward: start {started:.2f} s + "
+              f"stream {stream:.2f} s = {started + stream:.2f} s = "
+              f"{(started + stream) / ideal:4.2f} S/B", flush=True)
     times, usage = {}, []
     for n in count:
         t, results, used, startup = tier.run(n, rate)
