@@ -30,31 +30,6 @@ import yaml
 USER, PASSWORD = "admin", "bench-Pw.42"
 
 
-class _Node:
-    """A node controller that only keeps its power state."""
-
-    def __init__(self):
-        self.on, self.faults = True, set()
-
-    def power_on(self):
-        self.on = True
-
-    def power_off(self):
-        self.on = False
-
-    def reset(self):
-        pass
-
-    def cycle(self):
-        self.on = True
-
-    def is_on(self):
-        return self.on
-
-    def set_bootdev(self, dev):
-        pass
-
-
 def bmc_addresses(count, subnet):
     """127.0.S.1-250, then 127.0.S+1.1-250, ... for ``subnet`` 127.0.S."""
     prefix, third = subnet.rsplit(".", 1)
@@ -64,8 +39,8 @@ def bmc_addresses(count, subnet):
 def serve(count, subnet):
     """The BMC process: bind every BMC, say 'ready', serve until SIGTERM."""
     from kabin.testbed import bmc
-    entries = [(address, 623, USER.encode(), PASSWORD.encode(), _Node(), f"n-{i + 1}")
-               for i, address in enumerate(bmc_addresses(count, subnet))]
+    entries = [(address, 623, USER.encode(), PASSWORD.encode(), bmc.MemoryNode(on=True),
+                f"n-{i + 1}") for i, address in enumerate(bmc_addresses(count, subnet))]
     farm = bmc.BmcFarm(entries)
     stop = threading.Event()
     signal.signal(signal.SIGTERM, lambda *_: stop.set())

@@ -22,31 +22,6 @@ PASSWORD = "Xk4-power.t3st"
 FIRST = 100  # BMCs at 127.0.250.100 and up (the BMC tests use the addresses below)
 
 
-class RecordingNode:
-    """A node controller that only remembers its power state."""
-
-    def __init__(self, on=False):
-        self.on, self.faults = on, set()
-
-    def power_on(self):
-        self.on = True
-
-    def power_off(self):
-        self.on = False
-
-    def reset(self):
-        pass
-
-    def cycle(self):
-        self.on = True
-
-    def is_on(self):
-        return self.on
-
-    def set_bootdev(self, dev):
-        pass
-
-
 def bmc_address(i):
     return f"127.0.250.{FIRST + i}"
 
@@ -81,7 +56,7 @@ def write_config(directory, count, password=PASSWORD, remoteops=None, node_remot
 
 @pytest.fixture
 def nodes():
-    return [RecordingNode(on=i % 2 == 0) for i in range(4)]
+    return [bmc.MemoryNode(on=i % 2 == 0) for i in range(4)]
 
 
 @pytest.fixture

@@ -27,34 +27,6 @@ PORT = 623 if os.geteuid() == 0 else 16623
 USER, PASSWORD = b"admin", b"Zq8-pw.t3stbed"
 
 
-class RecordingNode:
-    """A node controller that only remembers what was done to it."""
-
-    def __init__(self, on=False):
-        self.on, self.bootdev, self.actions, self.faults = on, None, [], set()
-
-    def power_on(self):
-        self.actions.append("on")
-        self.on = True
-
-    def power_off(self):
-        self.actions.append("off")
-        self.on = False
-
-    def reset(self):
-        self.actions.append("reset")
-
-    def cycle(self):
-        self.actions.append("cycle")
-        self.on = True
-
-    def is_on(self):
-        return self.on
-
-    def set_bootdev(self, dev):
-        self.bootdev = dev
-
-
 def address(i, subnet=250):
     return f"127.0.{subnet}.{i}"
 
@@ -66,7 +38,7 @@ def entries(nodes, subnet=250, first=1):
 
 @pytest.fixture
 def nodes():
-    return [RecordingNode() for _ in range(4)]
+    return [bmc.MemoryNode() for _ in range(4)]
 
 
 @pytest.fixture
@@ -298,11 +270,11 @@ def test_each_bmc_binds_its_own_address(farm, nodes, journal):
     assert [b.serversocket.getsockname() for b in farm.bmcs] == \
         [(address(i + 1), PORT) for i in range(4)]
     with pytest.raises(SystemRequirementError, match=address(3)):
-        bmc.BmcFarm(entries([RecordingNode()], first=3))
+        bmc.BmcFarm(entries([bmc.MemoryNode()], first=3))
 
 
 def test_serve_bmcs_in_the_calling_thread_until_stopped(journal):
-    node, stop = RecordingNode(on=True), threading.Event()
+    node, stop = bmc.MemoryNode(on=True), threading.Event()
     server = threading.Thread(target=bmc.serve_bmcs, args=(entries([node], first=9), stop, journal))
     server.start()
     try:
@@ -322,7 +294,7 @@ def test_ipv6_address():
             probe.bind(("::1", 0))
         except OSError:
             pytest.skip("no IPv6 loopback on this machine")
-    with bmc.BmcFarm([("::1", PORT, USER, PASSWORD, RecordingNode(on=True), "node-v6")]):
+    with bmc.BmcFarm([("::1", PORT, USER, PASSWORD, bmc.MemoryNode(on=True), "node-v6")]):
         assert power_status("::1") == "on"
 
 
@@ -348,7 +320,7 @@ def test_200_bmcs_stay_responsive_under_repeated_sessions():
 
 def responsive_200():
     count = 200
-    nodes = [RecordingNode(on=i % 2 == 0) for i in range(count)]
+    nodes = [bmc.MemoryNode(on=i % 2 == 0) for i in range(count)]
     expected = ["on" if i % 2 == 0 else "off" for i in range(count)]
     hosts = [address(i + 1, subnet=251) for i in range(count)]
 

@@ -37,6 +37,7 @@ thread, so its methods must return quickly (start a boot, do not wait for it):
 ``set_bootdev(dev)`` (dev is 'network', 'hd', 'safe', 'optical', 'setup',
 'floppy' or 'default') and ``faults``, a set of strings: 'bmc-dead' (the BMC
 answers nothing), 'bmc-lies' (it answers "done" to actions but does nothing).
+``MemoryNode`` is such a controller for BMCs with no testbed node behind them.
 
 Every action is appended to the journal (``log_path``) as one JSON line,
 ``{"time": <epoch>, "node": NAME, "action": on|off|soft-off|cycle|reset|bootdev}``,
@@ -429,6 +430,35 @@ class _Journal:
     def close(self):
         if self._file is not None:
             self._file.close()
+
+
+class MemoryNode:
+    """A node controller that only keeps, in memory, its power state and what was done to it
+    (for BMCs without a testbed node behind them: the BMC tests, the power benchmark)."""
+
+    def __init__(self, on=False):
+        self.on, self.bootdev, self.actions, self.faults = on, None, [], set()
+
+    def power_on(self):
+        self.actions.append("on")
+        self.on = True
+
+    def power_off(self):
+        self.actions.append("off")
+        self.on = False
+
+    def reset(self):
+        self.actions.append("reset")
+
+    def cycle(self):
+        self.actions.append("cycle")
+        self.on = True
+
+    def is_on(self):
+        return self.on
+
+    def set_bootdev(self, dev):
+        self.bootdev = dev
 
 
 # ---------------------------------------------------------------- all the BMCs
