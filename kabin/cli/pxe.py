@@ -1,11 +1,14 @@
 """ka-pxe: write, show and clear the PXE profiles of nodes (PXELINUX, iPXE, GRUB)."""
 
+from pathlib import Path
+
 import click
 
 from .. import pxe
-from . import common
+from . import common, tabular
 
 COLUMNS = ("profile", "pxe_files")
+LOADER_COLUMNS = ("file", "method", "firmware", "action", "source")
 
 
 @click.group(context_settings=common.CONTEXT)
@@ -148,6 +151,72 @@ def show(content, **opts):
 def clear(**opts):
     """Remove every profile file of each node (its firmware falls back to its default)."""
     return _run(opts, pxe.clear_profiles)
+
+
+@cli.command("install-loaders", context_settings=common.CONTEXT)
+@click.option("--method", "methods", multiple=True, type=click.Choice(["pxelinux", "grub", "ipxe"]),
+              help="Install this method's loaders (repeatable; default: every method and "
+                   "local_method of the config's clusters).")
+@click.option("--firmware", "firmwares", multiple=True, type=click.Choice(["bios", "uefi"]),
+              help="For these clients (repeatable; default: both).")
+@click.option("--pxe-root", type=click.Path(file_okay=False), metavar="DIR",
+              help="Install here (default: the server's paths.pxe_root).")
+@tabular.format_option
+@common.config_option
+@common.verbosity_options
+@common.command
+def install_loaders(methods, firmwares, pxe_root, fmt, **opts):
+    """Copy the boot programs of the PXE methods into the TFTP tree (idempotent).
+
+    \b
+    pxelinux: pxelinux.0, ldlinux.c32, chain.c32 and its libraries (BIOS only)
+    grub:     grub-mknetdir's grub/i386-pc/core.0 and grub/x86_64-efi/core.efi
+    ipxe:     undionly.kpxe, ipxe.lkrn (BIOS), ipxe.efi (UEFI)
+    From Debian's pxelinux, syslinux-common, grub-pc-bin, grub-efi-amd64-bin and
+    ipxe packages. A file already there with the same content is left alone.
+    """
+    from ..pxe import loaders
+    config = common.load_config(opts)
+    done = loaders.install(pxe_root or config.server.pxe_root,
+                           methods or loaders.methods_in_use(config),
+                           firmwares or loaders.FIRMWARES)
+    tabular.write_rows([d.row() for d in done], LOADER_COLUMNS, fmt)
+
+
+@cli.command("dhcp-config", context_settings=common.CONTEXT)
+@click.option("--format", "dhcp_format", type=click.Choice(["dnsmasq", "isc"]),
+              default="dnsmasq", show_default=True, help="The DHCP server's syntax.")
+@click.option("-m", "--machine", "nodesets", multiple=True, metavar="NODESET",
+              help="Only these nodes (repeatable; default: every node of the config).")
+@click.option("--server", metavar="ADDRESS",
+              help="The TFTP server, when it is not the DHCP server (next-server).")
+@click.option("-o", "--output", type=click.Path(dir_okay=False), metavar="FILE",
+              help="Write to FILE (replaced atomically) instead of stdout.")
+@common.config_option
+@common.verbosity_options
+@common.command
+def dhcp_config(dhcp_format, nodesets, server, output, **opts):
+    """Print DHCP host entries and boot files for the nodes (dnsmasq or ISC dhcpd).
+
+    One fixed address per MAC (from clusters.yml) and the boot file of the node's
+    cluster: an iPXE client of an ipxe cluster gets its profile script, a UEFI
+    client (DHCP option 93) the UEFI loader, others the BIOS one. Include it in
+    the site's configuration (dnsmasq: conf-file=FILE; dhcpd: include "FILE";).
+
+    \b
+    Example (dnsmasq also serving TFTP from pxe_root):
+      ka-pxe install-loaders
+      ka-pxe dhcp-config -o /etc/dnsmasq.d/kabin-hosts.conf
+    """
+    from .. import nodes as nodes_mod
+    from ..pxe import dhcp
+    config = common.load_config(opts)
+    names = [n for nodeset in nodesets for n in nodes_mod.expand(nodeset)] or None
+    text = dhcp.render(config, dhcp_format, names, server)
+    if output:
+        pxe.profiles.write_atomic(Path(output).absolute(), text)
+    else:
+        click.echo(text, nl=False)
 
 
 main = common.entry_point(cli, "ka-pxe")

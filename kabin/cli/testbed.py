@@ -8,6 +8,8 @@ import click
 from . import common, tabular
 
 STATUS_COLUMNS = ("node", "address", "bmc", "power", "booted", "partition", "detail", "faults")
+VM_STATUS_COLUMNS = ("node", "kind", "firmware", "address", "bmc", "power", "booted", "console",
+                     "faults")
 LIST_COLUMNS = ("instance", "size", "tier", "slot", "running")
 # subcommands that live in other modules, imported only when used
 LAZY = {"mkenv": ("kabin.cli.testbed_mkenv", "mkenv_command",
@@ -92,6 +94,13 @@ def cli():
                           shaped (--link-rate, fault slow-link). The frontend
                           has its own namespace: run kabin's commands there
                           with 'ka-testbed exec -- COMMAND'.
+      --vm                each node is a QEMU machine (TCG) with real firmware
+                          (--firmware bios: SeaBIOS + iPXE; uefi: OVMF), a disk
+                          image, a NIC on a tap of the switches' bridge; the
+                          frontend's namespace runs dnsmasq (DHCP, TFTP) and an
+                          HTTP server over the PXE tree, configured by ka-pxe
+                          install-loaders and dhcp-config; each BMC drives its
+                          machine through QMP. Addresses as in --netns.
 
     \b
     Examples:
@@ -130,6 +139,17 @@ def cli():
               help="A fault from the start, e.g. node-3=never-returns (repeatable).")
 @click.option("-t", "--timeout", type=click.FloatRange(0, min_open=True), metavar="SECONDS",
               help="How long to wait for the nodes to boot (default: 60 + 0.2 per node).")
+@click.option("--vm", is_flag=True, help="Nodes are QEMU machines booted by real firmware.")
+@click.option("--firmware", type=click.Choice(["bios", "uefi", "mixed"]), default="bios",
+              show_default=True, help="VM firmware: SeaBIOS + iPXE, OVMF, or both in turn.")
+@click.option("--vm-memory", type=click.IntRange(1), default=512, show_default=True,
+              metavar="MB", help="Memory of each VM.")
+@click.option("--nic", type=click.Choice(["virtio", "e1000"]), default="virtio",
+              show_default=True, help="VM network card.")
+@click.option("--disk-bus", type=click.Choice(["virtio", "sata"]), default="virtio",
+              show_default=True, help="VM disk: /dev/vda (virtio) or /dev/sda (SATA).")
+@click.option("--disk-format", type=click.Choice(["raw", "qcow2"]), default="raw",
+              show_default=True, help="VM disk image format.")
 @instance_option
 @common.verbosity_options
 @common.command
@@ -140,9 +160,15 @@ def up(**opts):
     does nothing; with others, it says to bring the instance down first.
     """
     from ..testbed import lifecycle
+    vm = None
+    if opts["vm"]:
+        vm = {"firmware": opts["firmware"], "memory": opts["vm_memory"], "nic": opts["nic"],
+              "disk_bus": opts["disk_bus"], "disk_format": opts["disk_format"]}
+        if opts["disk_size"] == "512M":
+            opts["disk_size"] = "4G"
     lifecycle.up(opts["instance"], opts["size"], opts["netns"], opts["switches"],
                  opts["link_rate"], opts["uplink_rate"], opts["disk_size"], opts["boot_delay"],
-                 opts["initial_faults"], opts["timeout"])
+                 opts["initial_faults"], opts["timeout"], vm=vm)
 
 
 @cli.command()
@@ -168,7 +194,25 @@ def status(**opts):
     a partition, given as partition), hung (with the reason in detail), off.
     """
     from ..testbed import instance
-    _rows(instance.status(opts["instance"]), STATUS_COLUMNS, opts["fmt"])
+    rows = instance.status(opts["instance"])
+    columns = VM_STATUS_COLUMNS if rows and rows[0].get("kind") == "vm" else STATUS_COLUMNS
+    _rows(rows, columns, opts["fmt"])
+
+
+@cli.command()
+@click.argument("node")
+@click.option("--no-follow", is_flag=True, help="Print what is there and stop.")
+@instance_option
+@common.verbosity_options
+@common.command
+def console(node, no_follow, **opts):
+    """Print a node's serial console and follow it (Ctrl-C stops).
+
+    The console of a VM (its ttyS0), or what a namespace node's init printed.
+    """
+    from ..testbed import instance
+    for chunk in instance.console(opts["instance"], node, follow=not no_follow):
+        click.echo(chunk, nl=False)
 
 
 @cli.command(name="fault")

@@ -19,6 +19,11 @@ disk-full              every file system of its disk mounted read-write is fille
                        (node/mount.sh; not /usr/bin/mount called by its path).
                        Clear: the files go
 slow-link=RATE         its link is shaped to RATE both ways (netns tier only)
+firmware-hang          (VM tier) the machine's firmware finds no boot device at its
+                       next boots and waits there
+link-down              (VM tier) its NIC loses its carrier
+disk-removed           (VM tier) its disk's backend is removed: every I/O fails
+                       (clear: the disk comes back at the next 'ka-testbed up')
 =====================  ==============================================================
 
 A fault stays until cleared (``ka-testbed fault NODE clear``).
@@ -39,6 +44,9 @@ KINDS = {
     "die-after-bytes": units.parse_size,
     "disk-full": None,
     "slow-link": units.parse_rate,
+    "firmware-hang": None,
+    "link-down": None,
+    "disk-removed": None,
 }
 
 

@@ -7,6 +7,7 @@ call.
 
 import os
 import subprocess
+import threading
 
 from .. import config as config_mod
 from .. import nodes as nodes_mod
@@ -38,6 +39,21 @@ def _targets(name, nodeset):
 def status(name):
     """One record per node: node, address, bmc, power, booted (+ partition, detail, faults)."""
     return _ask(name, {"op": "status"})["nodes"]
+
+
+def console(name, node, follow=True, stop=None):
+    """The text of ``node``'s console log, then (``follow``) what is appended, as it comes
+    (inotify would be finer; a console is read by a person, twice a second is enough)."""
+    lay = _layout(name)
+    path = lay.node_dir(lay.index_of(node)) / "console.log"
+    stop = stop or threading.Event()
+    with open(path, "rb") as handle:
+        while True:
+            chunk = handle.read(65536)
+            if chunk:
+                yield chunk.decode("utf-8", "replace")
+            elif not follow or stop.wait(0.5):
+                return
 
 
 def fault(name, nodeset, kind):

@@ -24,7 +24,7 @@ from pathlib import Path
 
 from .. import config as config_mod
 from ..errors import SystemRequirementError, UsageError
-from . import configgen, control, disks, faults, firmware, netns, units
+from . import configgen, control, disks, faults, firmware, netns, units, vmtier
 from . import fanout as fanout_mod
 from . import layout as layout_mod
 from . import node as node_mod
@@ -136,12 +136,18 @@ def running_state(name):
 
 def up(name=layout_mod.DEFAULT, size=8, netns=False, switches=2, link_rate=None,
        uplink_rate=None, disk_size=DEFAULT_DISK, boot_delay=DEFAULT_BOOT_DELAY,
-       initial_faults=(), timeout=None):
-    """Bring instance ``name`` up (nothing to do if it is up alike); its Layout."""
-    params = _params(size, netns, switches, link_rate, uplink_rate, disk_size, boot_delay,
-                     initial_faults)
+       initial_faults=(), timeout=None, vm=None):
+    """Bring instance ``name`` up (nothing to do if it is up alike); its Layout.
+
+    ``vm``: a dict of VM settings (see ``vmtier.settings``) for the VM tier."""
+    params = _params(size, netns or bool(vm), switches, link_rate, uplink_rate, disk_size,
+                     boot_delay, initial_faults)
+    if vm:
+        params["vm"] = vmtier.settings(size, **vm)
     layout_mod.check_instance_name(name)
-    check_system(netns)
+    check_system(netns or bool(vm))
+    if vm:
+        vmtier.check_system(params["vm"])
     with testbed_lock():
         state = read_state(name)
         if state is not None and supervisor_alive(state):
@@ -149,14 +155,20 @@ def up(name=layout_mod.DEFAULT, size=8, netns=False, switches=2, link_rate=None,
         if state is not None or layout_mod.instance_dir(name).exists():
             log.warning("instance %s was not brought down cleanly: removing what is left", name)
             _teardown(name, state or {})
-        lay = Layout(name, layout_mod.free_slot(name), size, netns)
+        lay = Layout(name, layout_mod.free_slot(name), size, params["netns"])
         lay.dir.mkdir(parents=True)
         state = dict(params, name=name, slot=lay.slot, loops={}, created=[], created_trees=[])
         write_state(lay, state)
         started = time.monotonic()
-        _build(lay, state, params)
-        _start_supervisor(lay, state)
-    _wait_settled(lay, timeout or 60 + size * 0.2)
+        if vm:
+            vmtier.build(lay, state, params)
+        else:
+            _build(lay, state, params)
+        _start_supervisor(lay, state, "vmsupervisor" if vm else "supervisor")
+    if vm:
+        vmtier.power_on_and_wait(lay, timeout or vmtier.boot_timeout(size))
+    else:
+        _wait_settled(lay, timeout or 60 + size * 0.2)
     progress.info("instance %s: %d nodes up in %.1f s", name, size, time.monotonic() - started)
     return lay
 
@@ -274,9 +286,9 @@ def _boot_files(lay, cfg, state):
             created.append(str(path))
 
 
-def _start_supervisor(lay, state):
+def _start_supervisor(lay, state, module="supervisor"):
     read_end, write_end = os.pipe()
-    argv = [sys.executable, "-m", "kabin.testbed.supervisor", str(lay.dir), str(write_end)]
+    argv = [sys.executable, "-m", f"kabin.testbed.{module}", str(lay.dir), str(write_end)]
     if lay.netns:
         argv = ["nsenter", f"--net=/run/netns/{lay.frontend_netns}"] + argv
     with open(lay.dir / "supervisor.out", "ab") as out:
@@ -384,8 +396,9 @@ def _kill_processes(directory):
 def _ours(words):
     """A process shape the testbed starts (an editor with one of its files open is not)."""
     program = Path(words[0].split()[0].rstrip(":")).name
-    return program in ("unshare", "setpriv", "nsenter", "sshd", "sh") \
-        or "kabin.testbed.supervisor" in words
+    return program in ("unshare", "setpriv", "nsenter", "sshd", "sh", "qemu-system-x86_64",
+                       "dnsmasq", "ip") \
+        or "kabin.testbed.supervisor" in words or "kabin.testbed.vmsupervisor" in words
 
 
 def _unmount_under(directory):
@@ -422,8 +435,9 @@ def instances():
     found = []
     for state_file in sorted(layout_mod.TESTBED_ROOT.glob(f"*/{layout_mod.STATE_FILE}")):
         state = read_state(state_file.parent.name) or {}
+        tier = "vm" if state.get("vm") else "netns" if state.get("netns") else "loopback"
         found.append({"instance": state_file.parent.name, "size": state.get("size"),
-                      "tier": "netns" if state.get("netns") else "loopback",
+                      "tier": tier,
                       "slot": state.get("slot"),
                       "running": supervisor_alive(state)})
     return found

@@ -49,12 +49,17 @@ def tbf(rate_bits):
     return f"tbf rate {rate_bits}bit burst {burst} latency 100ms"
 
 
-def create(lay, groups, link_rate=None, uplink_rate=None, fanout=16):
-    """Make the namespaces, bridges and links of ``lay`` (``groups``: node indexes per switch)."""
+def create(lay, groups, link_rate=None, uplink_rate=None, fanout=16, vm=False):
+    """Make the namespaces, bridges and links of ``lay`` (``groups``: node indexes per switch).
+
+    ``vm``: the nodes are virtual machines, each on a tap ``nK`` of its switch (opened
+    by QEMU in the switches' namespace) instead of a veth into a namespace of its own.
+    """
     nodes = range(lay.size)
-    _batch("ip", None, [f"netns add {name}" for name in
-                        [lay.frontend_netns, lay.switch_netns] + [lay.node_netns(i) for i in nodes]])
-    _batch("ip", lay.switch_netns, _switch_commands(lay, groups))
+    spaces = [lay.frontend_netns, lay.switch_netns] + ([] if vm else
+                                                       [lay.node_netns(i) for i in nodes])
+    _batch("ip", None, [f"netns add {name}" for name in spaces])
+    _batch("ip", lay.switch_netns, _switch_commands(lay, groups, vm))
     _bridges_skip_netfilter(lay.switch_netns)
     prefix = f"/{layout_mod.NETNS_PREFIX_LEN}"
     _batch("ip", lay.frontend_netns, ["link set lo up", f"addr add {lay.frontend_address}{prefix}"
@@ -64,6 +69,10 @@ def create(lay, groups, link_rate=None, uplink_rate=None, fanout=16):
         shaping += [f"qdisc add dev {end}{k + 1} root {tbf(uplink_rate)}"
                     for k in range(len(groups)) for end in ("up", "dn") if uplink_rate]
         _batch("tc", lay.switch_netns, shaping)
+    if vm:
+        if link_rate:
+            _batch("tc", lay.switch_netns, [c for i in nodes for c in _police(i, link_rate)])
+        return
 
     def configure(index):
         node_ns = lay.node_netns(index)
@@ -88,7 +97,15 @@ def _bridges_skip_netfilter(netns):
     _run(["ip", "netns", "exec", netns, "sh", "-c", script])
 
 
-def _switch_commands(lay, groups):
+def _police(index, rate_bits):
+    """tc commands that bound what a VM sends on its tap (the tap's ingress) to ``rate_bits``."""
+    dev, burst = f"n{index + 1}", max(rate_bits // 8 // 100, 64 * 1024)
+    return [f"qdisc add dev {dev} handle ffff: ingress",
+            f"filter add dev {dev} parent ffff: matchall action police rate {rate_bits}bit "
+            f"burst {burst} drop"]
+
+
+def _switch_commands(lay, groups, vm=False):
     lines = ["link set lo up", "link add br-core type bridge", "link set br-core up",
              f"link add fe type veth peer name eth0 netns {lay.frontend_netns}",
              "link set fe master br-core up"]
@@ -97,8 +114,10 @@ def _switch_commands(lay, groups):
                   f"link add up{k} type veth peer name dn{k}",
                   f"link set up{k} master br-s{k} up", f"link set dn{k} master br-core up"]
         for i in members:
-            lines += [f"link add n{i + 1} type veth peer name eth0 address {lay.mac(i)} "
-                      f"netns {lay.node_netns(i)}", f"link set n{i + 1} master br-s{k} up"]
+            lines.append(f"tuntap add dev n{i + 1} mode tap" if vm else
+                         f"link add n{i + 1} type veth peer name eth0 address {lay.mac(i)} "
+                         f"netns {lay.node_netns(i)}")
+            lines.append(f"link set n{i + 1} master br-s{k} up")
     return lines
 
 
