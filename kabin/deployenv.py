@@ -53,7 +53,11 @@ echo "KABIN-CMDLINE $(cat /proc/cmdline)"
 echo "KABIN-DEPLOY $(ip -4 -o addr show dev eth0 | awk '{print $4}')"
 nc -ll -p {marker_port} -e true &
 /usr/sbin/sshd -e -f /etc/ssh/sshd_config
-exec setsid sh -c 'exec sh </dev/ttyS0 >/dev/ttyS0 2>&1'
+# busybox's reboot and poweroff signal PID 1: do what they ask
+trap 'sync; reboot -f' TERM
+trap 'sync; poweroff -f' USR1 USR2
+setsid sh -c 'exec sh </dev/ttyS0 >/dev/ttyS0 2>&1' &
+while :; do sleep 3600 & wait $!; done
 """
 
 UDHCPC_SCRIPT = """#!/bin/sh

@@ -142,6 +142,8 @@ def cli():
 @click.option("--vm", is_flag=True, help="Nodes are QEMU machines booted by real firmware.")
 @click.option("--firmware", type=click.Choice(["bios", "uefi", "mixed"]), default="bios",
               show_default=True, help="VM firmware: SeaBIOS + iPXE, OVMF, or both in turn.")
+@click.option("--pxe-method", type=click.Choice(["pxelinux", "grub", "ipxe"]),
+              help="VM cluster's PXE method (default: pxelinux; grub if a VM is UEFI).")
 @click.option("--vm-memory", type=click.IntRange(1), default=512, show_default=True,
               metavar="MB", help="Memory of each VM.")
 @click.option("--nic", type=click.Choice(["virtio", "e1000"]), default="virtio",
@@ -163,7 +165,8 @@ def up(**opts):
     vm = None
     if opts["vm"]:
         vm = {"firmware": opts["firmware"], "memory": opts["vm_memory"], "nic": opts["nic"],
-              "disk_bus": opts["disk_bus"], "disk_format": opts["disk_format"]}
+              "disk_bus": opts["disk_bus"], "disk_format": opts["disk_format"],
+              "pxe_method": opts["pxe_method"]}
         if opts["disk_size"] == "512M":
             opts["disk_size"] = "4G"
     lifecycle.up(opts["instance"], opts["size"], opts["netns"], opts["switches"],

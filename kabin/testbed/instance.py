@@ -5,9 +5,10 @@ returns one); the functions below it are what the ``ka-testbed`` subcommands
 call.
 """
 
+import ctypes
 import os
+import select
 import subprocess
-import threading
 
 from .. import config as config_mod
 from .. import nodes as nodes_mod
@@ -41,19 +42,42 @@ def status(name):
     return _ask(name, {"op": "status"})["nodes"]
 
 
-def console(name, node, follow=True, stop=None):
-    """The text of ``node``'s console log, then (``follow``) what is appended, as it comes
-    (inotify would be finer; a console is read by a person, twice a second is enough)."""
+def console(name, node, follow=True):
+    """The text of ``node``'s console log, then (``follow``) what is appended, as it comes."""
     lay = _layout(name)
     path = lay.node_dir(lay.index_of(node)) / "console.log"
-    stop = stop or threading.Event()
-    with open(path, "rb") as handle:
+    with open(path, "rb") as handle, _Modified(path) as modified:
         while True:
             chunk = handle.read(65536)
             if chunk:
                 yield chunk.decode("utf-8", "replace")
-            elif not follow or stop.wait(0.5):
+            elif not follow:
                 return
+            else:
+                modified.wait()
+
+
+class _Modified:
+    """Waits for a file to be written to (inotify IN_MODIFY)."""
+
+    IN_MODIFY = 0x2
+
+    def __init__(self, path):
+        libc = ctypes.CDLL(None, use_errno=True)
+        self.fd = libc.inotify_init1(os.O_CLOEXEC)
+        if self.fd < 0 or libc.inotify_add_watch(self.fd, os.fsencode(path),
+                                                 self.IN_MODIFY) < 0:
+            raise OSError(ctypes.get_errno(), f"inotify on {path}")
+
+    def wait(self):
+        select.select([self.fd], [], [])
+        os.read(self.fd, 4096)
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        os.close(self.fd)
 
 
 def fault(name, nodeset, kind):

@@ -12,8 +12,8 @@ itself off stays in QEMU's ``shutdown`` state (``-no-shutdown``), which is off.
   the BMC's boot device (IPMI ``chassis bootdev``) changes it for the next boot.
 - The NIC (virtio or e1000) is on a tap of the testbed's bridge, with the MAC
   of clusters.yml; the serial console is appended to ``console.log``.
-- Faults: ``firmware-hang`` (no boot device: the firmware finds nothing to boot
-  and waits there), ``link-down`` (the NIC loses its carrier), ``disk-removed``
+- Faults: ``firmware-hang`` (the firmware is told to boot only the empty CD
+  drive, strictly: SeaBIOS stops at "No bootable device", OVMF in its shell), ``link-down`` (the NIC loses its carrier), ``disk-removed``
   (the disk's backend is gone: every I/O fails, as with a pulled disk);
   ``bmc-dead`` and ``bmc-lies`` are the BMC's (bmc.py).
 
@@ -86,8 +86,9 @@ def missing_requirements(firmwares):
 def argv(spec, qmp_fd):
     """QEMU's command line for ``spec`` (powered off: ``-S``), serving QMP on the
     listening socket ``qmp_fd`` (made before QEMU starts: a client connects at once)."""
-    args = [QEMU, "-name", spec.name, "-accel", "tcg", "-machine",
-            "q35" if spec.firmware == "uefi" else "pc", "-m", str(spec.memory),
+    # SeaBIOS and the iPXE ROM write to the serial console only without graphics
+    machine = "q35" if spec.firmware == "uefi" else "pc,graphics=off"
+    args = [QEMU, "-name", spec.name, "-accel", "tcg", "-machine", machine, "-m", str(spec.memory),
             "-display", "none", "-vga", "none", "-nodefaults", "-S", "-no-shutdown",
             "-chardev", f"file,id=console,path={spec.console},append=on",
             "-serial", "chardev:console",
@@ -97,7 +98,9 @@ def argv(spec, qmp_fd):
             "-netdev", f"tap,id=net0,ifname={spec.tap},script=no,downscript=no",
             "-device", f"{NIC_MODELS[spec.nic]},id=nic0,netdev=net0,mac={spec.mac},bootindex=1",
             "-drive", f"if=none,id=drive0,file={spec.disk},format={spec.disk_format},"
-                      "cache=unsafe,werror=report,rerror=report"]
+                      "cache=unsafe,werror=report,rerror=report",
+            # an empty CD drive, as many servers have: what a hung firmware tries to boot
+            "-device", "ide-cd,id=cd0,bus=ide.1"]
     if spec.disk_bus == "virtio":
         args += ["-device", "virtio-blk-pci,id=disk0,drive=drive0,bootindex=2"]
     else:
@@ -126,7 +129,7 @@ class Machine:
         self.proc = None
         self._netns = netns
         self._lock = threading.Lock()
-        self._boot_order = {"nic0": 1, "disk0": 2}       # as on QEMU's command line
+        self._boot_order = {"nic0": 1, "disk0": 2, "cd0": -1}   # as on QEMU's command line
 
     # ------------------------------------------------ the process
 
@@ -215,12 +218,12 @@ class Machine:
 
     def _apply_boot_order(self):
         """The firmware reads the order at reset (QEMU's bootorder file in fw_cfg)."""
-        if "firmware-hang" in self.faults:
-            order = {"nic0": -1, "disk0": -1}
+        if "firmware-hang" in self.faults:        # strict boot: the empty drive, then halt
+            order = {"nic0": -1, "disk0": -1, "cd0": 1}
         elif self.bootdev == "hd":
-            order = {"nic0": 2, "disk0": 1}
+            order = {"nic0": 2, "disk0": 1, "cd0": -1}
         else:
-            order = {"nic0": 1, "disk0": 2}
+            order = {"nic0": 1, "disk0": 2, "cd0": -1}
         if order == self._boot_order:
             return
         # QEMU refuses an index another device holds: free them all, then set them

@@ -34,10 +34,20 @@ BOOT_SECONDS = 120        # one TCG boot, firmware to sshd, with 2 machines shar
 
 
 def settings(size, firmware="bios", memory=512, nic="virtio", disk_bus="virtio",
-             disk_format="raw"):
-    """The VM settings kept in the instance's state; a UsageError for a bad one."""
+             disk_format="raw", pxe_method=None):
+    """The VM settings kept in the instance's state; a UsageError for a bad one.
+
+    ``pxe_method``: the cluster's; default pxelinux, or grub when a machine is UEFI
+    (PXELINUX boots BIOS clients only)."""
     if firmware not in FIRMWARE_CHOICES:
         raise UsageError(f"--firmware: bios, uefi or mixed, not {firmware!r}")
+    if pxe_method is None:
+        pxe_method = "pxelinux" if firmware == "bios" else "grub"
+    if pxe_method not in ("pxelinux", "grub", "ipxe"):
+        raise UsageError(f"--pxe-method: pxelinux, grub or ipxe, not {pxe_method!r}")
+    if pxe_method == "pxelinux" and firmware != "bios":
+        raise UsageError("--pxe-method pxelinux boots BIOS machines only: use grub or ipxe "
+                         "with --firmware uefi or mixed")
     if memory < MIN_MEMORY:
         raise UsageError(f"--vm-memory: at least {MIN_MEMORY} MB (the deployment "
                          f"environment runs in RAM), not {memory}")
@@ -47,7 +57,7 @@ def settings(size, firmware="bios", memory=512, nic="virtio", disk_bus="virtio",
     firmwares = [firmware if firmware != "mixed" else ("bios", "uefi")[i % 2]
                  for i in range(size)]
     return {"firmwares": firmwares, "memory": memory, "nic": nic, "disk_bus": disk_bus,
-            "disk_format": disk_format}
+            "disk_format": disk_format, "pxe_method": pxe_method}
 
 
 def check_system(vm_settings):
@@ -101,12 +111,12 @@ def build(lay, state, params):
 
 
 def _adapt_cluster(lay, settings_):
-    """The cluster file for machines: GRUB on every firmware, the disk's real name."""
+    """The cluster file for machines: their PXE method, the disk's real name."""
     path = lay.config_dir / "cluster-local.yml"
     data = yaml.safe_load(path.read_text(encoding="utf-8"))
-    uefi = "uefi" in settings_["firmwares"]
-    method = "grub" if uefi else "pxelinux"
-    data["pxe"] = {"method": method, "local_method": method, "naming": "ip_hex",
+    method = settings_["pxe_method"]
+    local = "grub" if method == "ipxe" else method      # iPXE boots no partition
+    data["pxe"] = {"method": method, "local_method": local, "naming": "ip_hex",
                    "headers": {"grub": GRUB_HEADER, "pxelinux": PXELINUX_HEADER}}
     data["partitioning"]["block_device"] = block_device(settings_)
     data["boot"]["sleep_time_before_ping"] = 5
