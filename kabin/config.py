@@ -189,6 +189,15 @@ class Partitioning:
     partitions: dict
     script: Path | None
     disable_swap: bool
+    label: str = "dos"              # dos (MBR) | gpt
+    sizes: dict = None              # role -> size (sfdisk's: 64MiB...), the last one may be ""
+
+    def layout(self):
+        """'N:role:size' words in partition order (what partition.sh reads), or None."""
+        if not self.sizes:
+            return None
+        numbered = sorted((n, role) for role, n in self.partitions.items() if n is not None)
+        return " ".join(f"{n}:{role}:{self.sizes.get(role) or ''}" for n, role in numbered)
 
 
 @dataclass(frozen=True)
@@ -200,6 +209,7 @@ class BootConfig:
     deploy_params: str
     supported_fs: tuple
     user_params: str
+    bootloader: str = "grub"        # grub | activate (mark the partition active only)
 
 
 @dataclass(frozen=True)
@@ -264,9 +274,13 @@ def _remoteops(sec):
     return ops
 
 
+PARTITION_ROLES = ("esp", "swap", "prod", "deploy", "tmp")
+SIZE = re.compile(r"^\d+(\.\d+)?(KiB|MiB|GiB|TiB|K|M|G|T)?$")
+
+
 def _partitioning(sec, base):
     parts = sec.section("partitions")
-    numbers = {k: parts.get(k, int, None) for k in ("swap", "prod", "deploy", "tmp")}
+    numbers = {k: parts.get(k, int, None) for k in PARTITION_ROLES}
     parts.done()
     if numbers["deploy"] is None:
         raise parts.error("deploy", "is required (the partition number to deploy on)")
@@ -276,9 +290,34 @@ def _partitioning(sec, base):
         partitions=numbers,
         script=_path(base, script) if script else None,
         disable_swap=sec.get("disable_swap", bool, False),
+        label=sec.get("label", str, "dos", ("dos", "gpt")),
+        sizes=_sizes(sec, numbers),
     )
     sec.done()
     return cfg
+
+
+def _sizes(sec, numbers):
+    """partitioning.sizes: every numbered partition, numbers 1..N, only the last unsized."""
+    sizes = sec.get("sizes", dict, None)
+    if sizes is None:
+        return None
+    used = sorted((n, role) for role, n in numbers.items() if n is not None)
+    if [n for n, _ in used] != list(range(1, len(used) + 1)):
+        raise sec.error("partitions", "with sizes, the partitions are numbered 1, 2, ... N "
+                                      "(partition.sh creates them in that order)")
+    for role, size in sizes.items():
+        if role not in numbers or numbers[role] is None:
+            raise sec.error(f"sizes.{role}", "names no partition of 'partitions'")
+        if size not in (None, "rest") and not SIZE.match(str(size)):
+            raise sec.error(f"sizes.{role}", f"expected a size such as 64MiB or 2GiB, or "
+                                             f"'rest', not {size!r}")
+    unsized = [role for _, role in used if sizes.get(role) in (None, "rest")]
+    if unsized and unsized != [used[-1][1]]:
+        raise sec.error("sizes", f"every partition but the last needs a size "
+                                 f"({', '.join(unsized)} have none)")
+    return {role: "" if sizes.get(role) in (None, "rest") else str(sizes[role])
+            for _, role in used}
 
 
 def _boot(sec, base):
@@ -294,6 +333,7 @@ def _boot(sec, base):
         deploy_params=deploy.get("params", str, ""),
         supported_fs=tuple(deploy.get("supported_fs", list, ["ext2", "ext3", "ext4"])),
         user_params=user.get("params", str, ""),
+        bootloader=sec.get("bootloader", str, "grub", ("grub", "activate")),
     )
     for s in (deploy, user, kernels, sec):
         s.done()

@@ -118,8 +118,11 @@ def kadeploy_env(config, record):
     the record has ``env`` (a name, ``NAME@VERSION``, or a Kadeploy
     description mapping): KADEPLOY_ENV, and from a description
     KADEPLOY_ENV_KERNEL, KADEPLOY_ENV_INITRD, KADEPLOY_ENV_KERNEL_PARAMS,
-    KADEPLOY_OS_KIND, KADEPLOY_PART_TYPE, KADEPLOY_FS_TYPE. Variables without
-    a value are left out.
+    KADEPLOY_OS_KIND, KADEPLOY_PART_TYPE, KADEPLOY_FS_TYPE. kabin's own, for
+    partition.sh and install-bootloader.sh: KADEPLOY_PART_LABEL (dos, gpt),
+    KADEPLOY_PARTITIONS ('N:role:size' words, when partitioning.sizes is set),
+    KADEPLOY_ESP_PART, KADEPLOY_BOOTLOADER (grub, activate),
+    KADEPLOY_USER_KERNEL_PARAMS. Variables without a value are left out.
     """
     node = config.node(record["node"])
     cluster = config.clusters[node.cluster]
@@ -130,6 +133,7 @@ def kadeploy_env(config, record):
         or cluster.partitioning.block_device
     number = record.get("deploy_partition") or boot.get("partition") \
         or cluster.partitioning.partitions["deploy"]
+    esp = cluster.partitioning.partitions.get("esp")
     env = {
         "KADEPLOY_CLUSTER": node.cluster,
         "KADEPLOY_BLOCK_DEVICE": block_device,
@@ -145,6 +149,11 @@ def kadeploy_env(config, record):
         "KADEPLOY_OS_KIND": desc.get("os"),
         "KADEPLOY_PART_TYPE": _hex_type(desc.get("partition_type")),
         "KADEPLOY_FS_TYPE": desc.get("filesystem"),
+        "KADEPLOY_PART_LABEL": cluster.partitioning.label,
+        "KADEPLOY_PARTITIONS": cluster.partitioning.layout(),
+        "KADEPLOY_ESP_PART": esp and partition_device(block_device, esp),
+        "KADEPLOY_BOOTLOADER": cluster.boot.bootloader,
+        "KADEPLOY_USER_KERNEL_PARAMS": cluster.boot.user_params or None,
     }
     return {k: v for k, v in env.items() if v is not None}
 

@@ -164,7 +164,11 @@ class Sentinel:
             if remaining <= 0:
                 return False
             readable, _, _ = select.select([self.sock], [], [], min(remaining, STOP_CHECK))
-            if readable and self._ended():
+            ended = self._ended() if readable else None
+            if ended == "lost":
+                self.close()
+                return True
+            if ended == "closed":
                 self.sock.close()
                 # sshd also drops idle unauthenticated clients (LoginGraceTime): a node
                 # that went down has no listener, one that still listens did not go
@@ -175,12 +179,15 @@ class Sentinel:
         return self.sock is None
 
     def _ended(self):
+        """None (still open), 'closed' (EOF: sshd closed it, or died) or 'lost' (reset or
+        keepalives unanswered: the kernel that held it is gone, e.g. after a kexec or a
+        power cycle, even if the new one already listens)."""
         try:
-            return not self.sock.recv(4096)   # the banner, then EOF when sshd dies
+            return None if self.sock.recv(4096) else "closed"   # the banner, then EOF
         except BlockingIOError:
-            return False
-        except OSError:                       # reset, or keepalives unanswered
-            return True
+            return None
+        except OSError:
+            return "lost"
 
     def close(self):
         if self.sock is not None:

@@ -62,6 +62,8 @@ def test_kadeploy_env_from_the_config(cfg):
         "KADEPLOY_ENV_EXTRACTION_DIR": "/mnt/dest",
         "KADEPLOY_TMP_DIR": "/tmp",
         "KADEPLOY_PREPOST_EXTRACTION_DIR": "/tmp/kabin-prepost",
+        "KADEPLOY_PART_LABEL": "dos",
+        "KADEPLOY_BOOTLOADER": "grub",
     }
 
 

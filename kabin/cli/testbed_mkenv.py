@@ -1,5 +1,7 @@
 """``ka-testbed mkenv``: the click command (ka-testbed's group adds it with add_command)."""
 
+from pathlib import Path
+
 import click
 
 from .. import config as config_mod
@@ -22,6 +24,9 @@ COLUMNS = ("name", "version", "kind", "compression", "file", "size")
 @click.option("--only", multiple=True, metavar="NAME",
               type=click.Choice([v[0] for v in mkenv.VARIANTS]),
               help="Build only this environment (repeatable; default: all).")
+@click.option("--real", is_flag=True,
+              help="Build bootable systems instead (realenv-tzst, realenv-dd): Debian's "
+                   "kernel, an initrd, sshd with the key of server.yml.")
 @tabular.format_option
 @common.config_option
 @common.verbosity_options
@@ -30,14 +35,21 @@ def mkenv_command(**opts):
     """Build busybox test environments (tar gz/xz/zstd, ext4 dd) and register them.
 
     They become public environments of root: testenv-tgz, testenv-txz,
-    testenv-tzst and testenv-dd.
+    testenv-tzst and testenv-dd; with --real, realenv-tzst and realenv-dd, systems
+    that boot on real machines (the VM tier) with their own kernel and initrd.
     """
     instance_dir = layout.instance_dir(opts["instance"])
     own = instance_dir / "config"
     config = config_mod.load(opts["config_dir"] or (own if own.is_dir() else None))
     out_dir = opts["out_dir"] or instance_dir / "envs"
     pad_size = units.parse_size(opts["pad_size"])
+    keys = None
+    if opts["real"]:
+        key = Path(str(config.server.ssh.key) + ".pub")
+        if not key.is_file():
+            raise click.UsageError(f"no public key {key}: the systems' sshd accepts it")
+        keys = key.read_text()
     with db_mod.open_database(config) as database:
-        made = mkenv.mkenv(database, out_dir, pad_size, opts["only"])
+        made = mkenv.mkenv(database, out_dir, pad_size, opts["only"], real_keys=keys)
     rows = [{**env.summary(), "file": env.image_file, "size": env.file().size} for env in made]
     tabular.write_rows(rows, COLUMNS, opts["fmt"])

@@ -7,8 +7,11 @@ Profiles:
 - ``local``: boot the local disk: one partition's boot sector (default: the
   cluster's deploy partition) or the disk's MBR (``partition=DISK``). What each
   loader does, as real firmware needs it: PXELINUX ``COM32 chain.c32`` with
-  ``APPEND hd0 P`` (``hd0`` for the MBR); GRUB ``set root=(hd0,msdosP)`` then
-  ``chainloader +1``; iPXE ``sanboot --no-describe --drive 0x80``, which boots
+  ``APPEND hd0 P`` (``hd0`` for the MBR); GRUB ``set root=(hd0,P)`` then
+  ``chainloader +1`` on BIOS; on UEFI GRUB chainloads the disk's EFI system
+  partition's EFI/BOOT/BOOTX64.EFI (the GRUB install-bootloader.sh put there:
+  returning to the firmware with ``exit`` makes OVMF stop in its menu); iPXE
+  ``sanboot --no-describe --drive 0x80``, which boots
   the MBR only: iPXE cannot boot one partition, so a cluster booting partitions
   with iPXE sets ``pxe.local_method`` to pxelinux or grub;
 - ``netboot``: an environment's own kernel and initrd (see ``kabin.pxe.netboot``);
@@ -63,7 +66,7 @@ def local_target(method, partition):
     if method == "pxelinux":
         return "hd0" if partition is None else f"hd0 {partition}"
     if method == "grub":
-        return "(hd0)" if partition is None else f"(hd0,msdos{partition})"
+        return "(hd0)" if partition is None else f"(hd0,{partition})"  # MBR or GPT
     if partition is not None:
         raise UsageError(f"iPXE cannot boot partition {partition} by itself (it boots the "
                          "disk's MBR): set pxe.local_method to pxelinux or grub, which iPXE "

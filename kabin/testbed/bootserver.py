@@ -34,6 +34,8 @@ def dnsmasq_conf(lay, config, hosts_file):
         "interface=eth0", "bind-interfaces",
         f"dhcp-range={lay.frontend_address.rpartition('.')[0]}.0,static,255.255.0.0,1h",
         "dhcp-authoritative", "dhcp-no-override",
+        # router advertisements: iPXE stops waiting for IPv6 autoconfiguration at once
+        "enable-ra", "dhcp-range=::,constructor:eth0,ra-only",
         f"dhcp-leasefile={lay.dir / 'boot' / 'dnsmasq.leases'}",
         "enable-tftp", f"tftp-root={config.server.pxe_root}",
         "log-dhcp",

@@ -419,10 +419,17 @@ def _grub_partition(device):
 def _grub_entries(text):
     """([(title, commands)], default, top-level commands) of a grub.cfg."""
     entries, top, default = [], [], "0"
-    current = None
+    current, efi_only = None, False
     for line in text.splitlines():
         line = line.strip()
         if not line or line.startswith("#"):
+            continue
+        # the emulated firmware is a BIOS: what GRUB runs only on EFI is skipped
+        if line.startswith("if ") and "grub_platform" in line and "efi" in line:
+            efi_only = True
+            continue
+        if efi_only:
+            efi_only = line != "fi"
             continue
         if line.startswith("menuentry"):
             title = re.match(r"menuentry\s+(['\"])(.*?)\1|menuentry\s+(\S+)", line)

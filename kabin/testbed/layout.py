@@ -152,6 +152,11 @@ class Layout:
     def frontend_address(self):
         return f"10.{self.slot}.0.1"
 
+    @property
+    def frontend_ipv6(self):
+        """The frontend's unique local IPv6 address (VM tier: router advertisements)."""
+        return f"fd00:{self.slot:x}::1"
+
     # ------------------------------------------------ network namespaces (netns tier)
 
     @property

@@ -146,15 +146,15 @@ def write_ext4(root, path, label):
             shutil.copyfileobj(source, target, _CHUNK)
 
 
-def description(name, kind, compression, image_path):
+def description(name, kind, compression, image_path, kernel=KERNEL, initrd=INITRD, text=None):
     """The Kadeploy3 description of one test environment."""
     return envdesc.normalize({
         "name": name, "version": 1,
-        "description": f"kabin testbed environment: busybox, {kind} image, {compression}",
+        "description": text or f"kabin testbed environment: busybox, {kind} image, {compression}",
         "author": "ka-testbed mkenv", "visibility": "public", "destructive": False,
         "os": "linux",
         "image": {"file": str(image_path), "kind": kind, "compression": compression},
-        "boot": {"kernel": KERNEL, "initrd": INITRD},
+        "boot": {"kernel": kernel, "initrd": initrd},
         "filesystem": "ext4", "partition_type": 131, "multipart": False,
     }, f"mkenv:{name}")
 
@@ -194,10 +194,42 @@ def build(out_dir, pad_size=0, only=None):
     return descriptions
 
 
-def mkenv(database, out_dir, pad_size=0, only=None):
+REAL_VARIANTS = (("realenv-tzst", "tar", "zstd", ".tar.zst"),
+                 ("realenv-dd", "dd", "gzip", ".dd.gz"))
+
+
+def build_real(out_dir, authorized_keys, kernel_deb=None):
+    """Bootable test systems (kabin.deployenv.system: Debian's kernel, an initrd that
+    mounts root=, sshd accepting ``authorized_keys``) as tar.zst and as an ext4 image."""
+    from ..deployenv import kernel as kernel_mod
+    from ..deployenv import system
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    descriptions = []
+    with tempfile.TemporaryDirectory(prefix=".mkenv-", dir=out_dir) as tmp:
+        kernel = kernel_mod.unpack(kernel_deb or kernel_mod.download(), Path(tmp) / "kernel")
+        for name, kind, compression, suffix in REAL_VARIANTS:
+            progress.info("building %s (kernel %s)", name, kernel.version)
+            root = system.build_tree(Path(tmp) / name, name, kernel, authorized_keys)
+            image = out_dir / f"{name}{suffix}"
+            partial = image.with_name(f".{image.name}.part")
+            if kind == "tar":
+                write_tar(root, partial, compression)
+            else:
+                write_ext4(root, partial, name)
+            os.replace(partial, image)
+            desc = description(name, kind, compression, image, "/vmlinuz", "/initrd.img",
+                               f"kabin test system: kernel {kernel.version}, sshd, {kind}")
+            (out_dir / f"{name}.yml").write_text(envdesc.dump(desc), encoding="utf-8")
+            descriptions.append(desc)
+    return descriptions
+
+
+def mkenv(database, out_dir, pad_size=0, only=None, real_keys=None):
     """Build the test environments in ``out_dir`` and register them (public, owner root)."""
     if os.geteuid() != 0:
         raise SystemRequirementError("ka-testbed mkenv needs root: the images hold root-owned "
                                      "files and the environments are the administrator's")
-    descriptions = build(out_dir, pad_size, only)
+    descriptions = build_real(out_dir, real_keys) if real_keys else \
+        build(out_dir, pad_size, only)
     return envs.add_many(database, descriptions, envs.ADMIN, replace=True)

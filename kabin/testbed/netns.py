@@ -70,8 +70,11 @@ def create(lay, groups, link_rate=None, uplink_rate=None, fanout=16, vm=False):
                     for k in range(len(groups)) for end in ("up", "dn") if uplink_rate]
         _batch("tc", lay.switch_netns, shaping)
     if vm:
-        if link_rate:
-            _batch("tc", lay.switch_netns, [c for i in nodes for c in _police(i, link_rate)])
+        # iPXE waits ~13 s for IPv6 autoconfiguration unless a router answers: the boot
+        # server's dnsmasq sends router advertisements from this address
+        _batch("ip", lay.frontend_netns, [f"addr add {lay.frontend_ipv6}/64 dev eth0"])
+        for i in nodes if link_rate else ():
+            _shape_tap_ingress(lay, i, link_rate)
         return
 
     def configure(index):
@@ -97,12 +100,16 @@ def _bridges_skip_netfilter(netns):
     _run(["ip", "netns", "exec", netns, "sh", "-c", script])
 
 
-def _police(index, rate_bits):
-    """tc commands that bound what a VM sends on its tap (the tap's ingress) to ``rate_bits``."""
-    dev, burst = f"n{index + 1}", max(rate_bits // 8 // 100, 64 * 1024)
-    return [f"qdisc add dev {dev} handle ffff: ingress",
-            f"filter add dev {dev} parent ffff: matchall action police rate {rate_bits}bit "
-            f"burst {burst} drop"]
+def _shape_tap_ingress(lay, index, rate_bits):
+    """Shape what a VM sends (its tap's ingress): this kernel has no policing action,
+    so the tap's ingress is redirected to an IFB device, shaped there with tbf."""
+    tap, ifb = f"n{index + 1}", f"ifb{index + 1}"
+    _batch("ip", lay.switch_netns, [f"link add {ifb} type ifb", f"link set {ifb} up"])
+    _batch("tc", lay.switch_netns, [
+        f"qdisc add dev {tap} handle ffff: ingress",
+        f"filter add dev {tap} parent ffff: protocol all prio 1 u32 match u32 0 0 "
+        f"action mirred egress redirect dev {ifb}",
+        f"qdisc add dev {ifb} root {tbf(rate_bits)}"])
 
 
 def _switch_commands(lay, groups, vm=False):

@@ -99,9 +99,10 @@ def build(lay, state, params):
     progress.info("instance %s: loaders, deployment kernel and initrd", lay.name)
     loaders.install(cfg.server.pxe_root, loaders.methods_in_use(cfg))
     boot = cfg.clusters["local"].boot
-    deployenv.install(cfg.server.pxe_root, boot.deploy_kernel, boot.deploy_initrd,
-                      layout_mod.SHARED_KEY.with_suffix(".pub").read_text(),
-                      cfg.server.deploy_marker_port)
+    deployenv.build(cfg.server.pxe_root / boot.deploy_kernel,
+                    cfg.server.pxe_root / boot.deploy_initrd,
+                    layout_mod.SHARED_KEY.with_suffix(".pub").read_text(),
+                    cfg.server.deploy_marker_port)
     _write_deploy_profiles(cfg, lay)
     progress.info("instance %s: %d disks of %d MB", lay.name, lay.size,
                   params["disk_size"] >> 20)
@@ -118,9 +119,20 @@ def _adapt_cluster(lay, settings_):
     local = "grub" if method == "ipxe" else method      # iPXE boots no partition
     data["pxe"] = {"method": method, "local_method": local, "naming": "ip_hex",
                    "headers": {"grub": GRUB_HEADER, "pxelinux": PXELINUX_HEADER}}
-    data["partitioning"]["block_device"] = block_device(settings_)
+    data["partitioning"] = {
+        "block_device": block_device(settings_), "label": "gpt",
+        "partitions": {"esp": 1, "swap": 2, "deploy": 3, "tmp": 4},
+        "sizes": {"esp": "64MiB", "swap": "128MiB", "deploy": "1536MiB", "tmp": "rest"},
+        "script": "scripts/partition.sh", "disable_swap": False}
+    data["boot"]["bootloader"] = "grub"
     data["boot"]["sleep_time_before_ping"] = 5
-    data["timeouts"] = {"reboot": f"{BOOT_SECONDS} + n * 30", "kexec": 90}
+    data["timeouts"] = {"reboot": f"{BOOT_SECONDS} + n * 30", "kexec": 120}
+    data["automata"] = {   # TCG: a boot is a minute, a kexec half of it
+        "SetDeploymentEnv": [{"type": "Untrusted", "timeout": "300 + n * 30", "retries": 1}],
+        "BroadcastEnv": [{"type": "Chain", "timeout": 600, "retries": 1}],
+        "BootNewEnv": [{"type": "Kexec", "timeout": 180, "retries": 0},
+                       {"type": "Classical", "timeout": 300, "retries": 0},
+                       {"type": "HardReboot", "timeout": 300, "retries": 1}]}
     text = path.read_text(encoding="utf-8").split("\n", 2)
     header = "\n".join(text[:2]) + "\n"
     path.write_text(header + "# VM tier: nodes are QEMU machines (TCG), booted by real firmware.\n"
