@@ -14,6 +14,7 @@ record when an earlier step set them (``env``, ``block_device``,
 ``deploy_partition``).
 """
 
+import functools
 import logging
 import os
 import shlex
@@ -23,7 +24,7 @@ from pathlib import Path
 
 from . import nodes, records
 from .config import partition_device
-from .errors import UsageError
+from .errors import KabinError, UsageError
 from .parallel import Deadline, Executor
 from .ssh import SshError, SshPool
 
@@ -96,14 +97,27 @@ class Job:
 
 # ---------------------------------------------------------------- KADEPLOY_* variables
 
-def _env_description(record):
-    """The environment named by the record: (name, description mapping or {})."""
+def _env_description(config, record):
+    """The environment named by the record: (name, description mapping or {}); a name
+    (``NAME[@VERSION]``, as ka-chaincast --env leaves it) is looked up in the library."""
     env = record.get("env")
     if isinstance(env, dict):
         return env.get("name"), env
     if isinstance(env, str):
-        return env.split("@", 1)[0], {}
+        return env.split("@", 1)[0], _library_description(str(config.dir), env)
     return None, {}
+
+
+@functools.lru_cache(maxsize=16)
+def _library_description(config_dir, spec):
+    from . import config as config_mod
+    from . import db, envs
+    try:
+        with db.open_database(config_mod.load(config_dir)) as database:
+            return dict(envs.resolve(database, spec, envs.current_user()).description)
+    except KabinError as exc:
+        log.warning("environment %s: %s (its KADEPLOY_ENV_* are not set)", spec, exc)
+        return {}
 
 
 def kadeploy_env(config, record):
@@ -127,7 +141,7 @@ def kadeploy_env(config, record):
     node = config.node(record["node"])
     cluster = config.clusters[node.cluster]
     server = config.server
-    name, desc = _env_description(record)
+    name, desc = _env_description(config, record)
     boot = desc.get("boot") or {}
     block_device = record.get("block_device") or boot.get("block_device") \
         or cluster.partitioning.block_device

@@ -81,6 +81,9 @@ def cli(env_spec, owner, image_file, kind, compression, dest, store, method, tre
         timeout=timeout or chaincast.broadcast_timeout(image.size),
         ring=ring_size * MB, max_rate=max_rate * MB if max_rate else None)
     output = chaincast.broadcast(items, image, config, dest=dest, store=store, options=options)
+    if env_spec:   # the next steps' KADEPLOY_ENV_* (ka-exec --env) come from it
+        output = (dict(r, env=r.get("env") or env_spec) if r.get("status") == "ok" else r
+                  for r in output)
     return common.emit(opts, output, columns=("bytes", "sha256"))
 
 
