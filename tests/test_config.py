@@ -78,6 +78,20 @@ BAD_KEYS = [
      "key 'clusters[0].bmc.password_file': a BMC password comes from"),
     ("cluster-local.yml", lambda d: d["partitioning"]["partitions"].pop("deploy"),
      "key 'partitioning.partitions.deploy': is required"),
+    ("cluster-local.yml", lambda d: d["partitioning"].update(label="apm"),
+     "key 'partitioning.label': expected one of dos, gpt"),
+    ("cluster-local.yml", lambda d: d["partitioning"].update(sizes={"swap": "lots"}),
+     "key 'partitioning.sizes.swap': expected a size such as 64MiB"),
+    ("cluster-local.yml", lambda d: d["partitioning"].update(sizes={"esp": "64MiB"}),
+     "key 'partitioning.sizes.esp': names no partition"),
+    ("cluster-local.yml", lambda d: d["partitioning"].update(
+        sizes={"swap": "1GiB", "prod": "rest", "deploy": "2GiB"}),
+     "key 'partitioning.sizes': every partition but the last needs a size (prod"),
+    ("cluster-local.yml", lambda d: d["partitioning"].update(
+        partitions={"swap": 1, "deploy": 3}, sizes={"swap": "1GiB"}),
+     "key 'partitioning.partitions': with sizes, the partitions are numbered 1, 2"),
+    ("cluster-local.yml", lambda d: d["boot"].update(bootloader="lilo"),
+     "key 'boot.bootloader': expected one of grub, activate"),
     ("cluster-local.yml", lambda d: d["pxe"].update(method="floppy"),
      "key 'pxe.method': expected one of pxelinux, ipxe, grub"),
     ("cluster-local.yml", lambda d: d["automata"]["BootNewEnv"][0].update(type="Teleport"),
@@ -159,3 +173,12 @@ def test_partition_device_names():
     assert config.partition_device("/dev/sda", 3) == "/dev/sda3"
     assert config.partition_device("/dev/nvme0n1", 3) == "/dev/nvme0n1p3"
     assert config.partition_device("/dev/loop7", 1) == "/dev/loop7p1"
+
+
+def test_partition_layout_for_partition_sh(confdir):
+    edit(confdir, "cluster-local.yml", lambda d: d["partitioning"].update(
+        label="gpt", partitions={"esp": 1, "swap": 2, "deploy": 3, "tmp": 4},
+        sizes={"esp": "64MiB", "swap": "128MiB", "deploy": "2GiB"}))
+    cluster = config.Config(confdir).clusters["local"]
+    assert cluster.partitioning.label == "gpt"
+    assert cluster.partitioning.layout() == "1:esp:64MiB 2:swap:128MiB 3:deploy:2GiB 4:tmp:"

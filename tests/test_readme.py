@@ -49,3 +49,16 @@ def test_pipeline_example_options_exist():
         for option in (a for a in args if a.startswith("-")):
             assert re.search(rf"(^|[ ,]){re.escape(option)}\b", helptext, re.M), \
                 f"{prog} {' '.join(sub)}: {option} is not in its --help"
+
+
+def test_real_servers_commands_exist():
+    """The commands of 'Deploying real servers' accept the options they are given."""
+    [block] = [b for b in blocks("sh") if "ka-deployenv build" in b]
+    for line in block.strip().splitlines():
+        prog, *args = shlex.split(line.split("#", 1)[0])
+        sub = list(itertools.takewhile(lambda a: not a.startswith("-"), args))[:1]
+        helptext = subprocess.run([prog, *sub, "--help"], text=True, capture_output=True,
+                                  check=True).stdout
+        for option in (a for a in args if a.startswith("-")):
+            assert re.search(rf"(^|[ ,]){re.escape(option)}\b", helptext, re.M), \
+                f"{prog} {' '.join(sub)}: {option} is not in its --help"

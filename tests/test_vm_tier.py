@@ -10,7 +10,6 @@ wrote, and print its command line on their serial console.
 """
 
 import json
-import re
 import subprocess
 import time
 
@@ -171,7 +170,7 @@ def test_link_down_makes_a_running_machine_unreachable(grub_vms):
 def test_a_machine_hanging_in_its_firmware_is_ko(grub_vms, node, message):
     grub_vms.fault(node, "firmware-hang")
     try:
-        rc, out, err = run(grub_vms, "ka-reboot", "-m", node, "--level", "hard", "-t", "40",
+        rc, out, err = run(grub_vms, "ka-reboot", "-m", node, "--level", "hard", "-t", "30",
                            "--format", "json")
         assert rc == 1, err
         assert out[node]["error"].startswith("Unreachable after the reboot"), out[node]

@@ -62,6 +62,26 @@ PYTHON_IMPORTS = ("json, socket, selectors, threading, marshal, mmap, struct, ha
                   "tarfile, gzip, bz2, lzma, zstandard, ctypes, resource, subprocess, "
                   "select, signal, errno, stat, functools, io, time, base64")
 
+# the parts of an init both the deployment environment and the test systems run
+NETWORK_UP = """ip link set lo up
+for i in $(seq 50); do [ -e /sys/class/net/eth0 ] && break; sleep 0.1; done
+ip link set eth0 up
+udhcpc -i eth0 -s /etc/udhcpc.script -q -n -t 10 -T 2 || echo "kabin: no DHCP lease"
+"""
+SERVE = """/usr/sbin/sshd -e -f /etc/ssh/sshd_config
+# busybox's reboot and poweroff signal PID 1: do what they ask
+trap 'sync; BEFORE_OFFreboot -f' TERM
+trap 'sync; BEFORE_OFFpoweroff -f' USR1 USR2
+setsid sh -c 'exec sh </dev/ttyS0 >/dev/ttyS0 2>&1' &
+while :; do sleep 3600 & wait $!; done
+"""
+
+
+def serve(before_off=""):
+    """The end of an init: sshd, busybox's reboot and poweroff, a shell on ttyS0."""
+    return SERVE.replace("BEFORE_OFF", before_off)
+
+
 INIT = """#!/bin/sh
 # The deployment environment's init (kabin.deployenv): network, marker port, sshd.
 export PATH=/usr/sbin:/usr/bin:/sbin:/bin
@@ -71,20 +91,10 @@ mount -t devpts devpts /dev/pts
 ln -sf /proc/mounts /etc/mtab
 while read -r module; do insmod "/lib/modules/$module" 2>/dev/null; done < /lib/modules/order
 [ -d /sys/firmware/efi ] && mount -t efivarfs efivarfs /sys/firmware/efi/efivars
-ip link set lo up
-for i in $(seq 50); do [ -e /sys/class/net/eth0 ] && break; sleep 0.1; done
-ip link set eth0 up
-udhcpc -i eth0 -s /etc/udhcpc.script -q -n -t 10 -T 2 || echo "kabin-deploy: no DHCP lease"
-echo "KABIN-CMDLINE $(cat /proc/cmdline)"
+""" + NETWORK_UP + """echo "KABIN-CMDLINE $(cat /proc/cmdline)"
 echo "KABIN-DEPLOY $(ip -4 -o addr show dev eth0 | awk '{print $4}')"
-nc -ll -p {marker_port} -e true &
-/usr/sbin/sshd -e -f /etc/ssh/sshd_config
-# busybox's reboot and poweroff signal PID 1: do what they ask
-trap 'sync; reboot -f' TERM
-trap 'sync; poweroff -f' USR1 USR2
-setsid sh -c 'exec sh </dev/ttyS0 >/dev/ttyS0 2>&1' &
-while :; do sleep 3600 & wait $!; done
-"""
+nc -ll -p MARKER_PORT -e true &
+""" + serve()
 
 UDHCPC_SCRIPT = """#!/bin/sh
 case "$1" in
@@ -190,7 +200,7 @@ def _add_system(archive, authorized_keys, marker_port):
     archive.device("dev/console", 5, 1)
     archive.device("dev/null", 1, 3, 0o666)
     add_ssh_files(archive, authorized_keys, "kabin-deployenv")
-    archive.file("init", INIT.replace("{marker_port}", str(marker_port)), 0o755)
+    archive.file("init", INIT.replace("MARKER_PORT", str(marker_port)), 0o755)
 
 
 def add_ssh_files(archive, authorized_keys, comment):

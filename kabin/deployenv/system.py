@@ -2,7 +2,8 @@
 
 The tree is a real, if minimal, Linux system: busybox, the host's OpenSSH sshd
 (root by the key of server.yml, as kabin reaches deployed nodes), kexec-tools
-(so a deployed node can be kexec'ed back into the deployment kernel), Debian's
+(so a deployed node can be kexec'ed back into the deployment kernel), findmnt
+and efibootmgr (to see what booted), Debian's
 kernel in /boot with an initramfs that loads the disk and NIC modules, mounts
 ``root=`` (a device, UUID= or LABEL=) and switches to it, and the Debian-style
 links /vmlinuz and /initrd.img. Its /sbin/init takes a DHCP lease, runs sshd
@@ -14,12 +15,13 @@ import os
 import stat
 from pathlib import Path
 
-from . import PROGRAMS, add_ssh_files
+from . import NETWORK_UP, PROGRAMS, add_ssh_files, serve
 from . import kernel as kernel_mod
 from .initramfs import Archive
 from .kernel import run
 
-SYSTEM_PROGRAMS = ("/bin/busybox", "/usr/sbin/sshd", "/usr/sbin/kexec", "/usr/bin/findmnt")
+SYSTEM_PROGRAMS = ("/bin/busybox", "/usr/sbin/sshd", "/usr/sbin/kexec", "/usr/bin/findmnt",
+                   "/usr/bin/efibootmgr")
 
 SYSTEM_INIT = """#!/bin/sh
 # init of a kabin test system (kabin.deployenv.system)
@@ -29,18 +31,11 @@ mount -t devtmpfs devtmpfs /dev 2>/dev/null
 mkdir -p /dev/pts; mount -t devpts devpts /dev/pts
 mount -t tmpfs tmpfs /run; mount -t tmpfs tmpfs /tmp; mkdir -p /run/sshd
 mount -o remount,rw /
+[ -d /sys/firmware/efi ] && mount -t efivarfs efivarfs /sys/firmware/efi/efivars
 hostname -F /etc/hostname
-ip link set lo up
-for i in $(seq 50); do [ -e /sys/class/net/eth0 ] && break; sleep 0.1; done
-ip link set eth0 up
-udhcpc -i eth0 -s /etc/udhcpc.script -q -n -t 10 -T 2 || echo "kabin-system: no DHCP lease"
+""" + NETWORK_UP + """\
 echo "KABIN-SYSTEM $(cat /etc/hostname) $(uname -r) root=$(findmnt -n -o SOURCE / 2>/dev/null)"
-/usr/sbin/sshd -e -f /etc/ssh/sshd_config
-trap 'sync; mount -o remount,ro /; reboot -f' TERM
-trap 'sync; mount -o remount,ro /; poweroff -f' USR1 USR2
-setsid sh -c 'exec sh </dev/ttyS0 >/dev/ttyS0 2>&1' &
-while :; do sleep 3600 & wait $!; done
-"""
+""" + serve("mount -o remount,ro /; ")
 
 INITRD_INIT = """#!/bin/sh
 # initramfs of a kabin test system: modules, root=, switch_root

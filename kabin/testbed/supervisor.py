@@ -454,7 +454,8 @@ def _raise_open_files(needed):
                         (needed - 64) // FILES_PER_NODE, needed)
 
 
-def main(argv=None):
+def main(argv=None, factory=None):
+    """``INSTANCE_DIR READY_FD``: run the instance's supervisor (``factory``: its class)."""
     argv = sys.argv[1:] if argv is None else argv
     directory, ready_fd = Path(argv[0]), int(argv[1])
     logging.basicConfig(filename=directory / "supervisor.log", level=logging.INFO,
@@ -462,7 +463,7 @@ def main(argv=None):
     state = json.loads((directory / layout_mod.STATE_FILE).read_text(encoding="utf-8"))
     lay = layout_mod.Layout(state["name"], state["slot"], state["size"], state["netns"])
     _raise_open_files(FILES_PER_NODE * lay.size + 64)
-    supervisor = Supervisor(lay, state)
+    supervisor = (factory or Supervisor)(lay, state)
     signal.signal(signal.SIGTERM, lambda signum, frame: supervisor.stop())
     with os.fdopen(ready_fd, "w") as ready:
         supervisor.run(ready)

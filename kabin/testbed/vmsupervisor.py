@@ -9,19 +9,15 @@ QEMU and dnsmasq die with the supervisor: they are started by its main thread
 with a parent-death signal (vm.die_with_parent); ``down`` finds them anyway.
 """
 
-import json
 import logging
-import signal
-import sys
 import threading
 import time
-from concurrent.futures import ThreadPoolExecutor
-from pathlib import Path
 
 from .. import config as config_mod
 from ..errors import UsageError
 from ..reboot import port_open
-from . import bmc, bootserver, control, faults
+from . import bmc, bootserver, control, fanout, faults
+from . import supervisor as supervisor_mod
 from . import layout as layout_mod
 from .vm import Machine, MachineSpec
 
@@ -119,8 +115,7 @@ class VmSupervisor:
                 rec["faults"] = sorted(machine.faults)
             return rec
 
-        with ThreadPoolExecutor(16) as pool:
-            return list(pool.map(record, names))
+        return fanout.run_all(record, list(names), fanout=16, timeout=60)
 
     def wait(self, names, want, timeout):
         """Wait (probing every second, at most ``timeout`` s) until every node of ``names``
@@ -143,6 +138,9 @@ class VmSupervisor:
         return [(self.lay.bmc_address(i), layout_mod.BMC_PORT, user, secret,
                  self.machines[self.lay.node_name(i)], self.lay.node_name(i))
                 for i in range(self.lay.size)]
+
+    def stop(self):
+        self._stop.set()
 
     def run(self, ready):
         started = []
@@ -188,16 +186,7 @@ def _matches(booted, want):
 
 
 def main(argv=None):
-    argv = sys.argv[1:] if argv is None else argv
-    directory, ready_fd = Path(argv[0]), int(argv[1])
-    logging.basicConfig(filename=directory / "supervisor.log", level=logging.INFO,
-                        format="%(asctime)s %(name)s %(levelname)s %(message)s")
-    state = json.loads((directory / layout_mod.STATE_FILE).read_text(encoding="utf-8"))
-    lay = layout_mod.Layout(state["name"], state["slot"], state["size"], state["netns"])
-    supervisor = VmSupervisor(lay, state)
-    signal.signal(signal.SIGTERM, lambda signum, frame: supervisor._stop.set())
-    with open(ready_fd, "w") as ready:
-        supervisor.run(ready)
+    supervisor_mod.main(argv, VmSupervisor)
 
 
 if __name__ == "__main__":
