@@ -30,10 +30,14 @@ def vms():
         pytest.skip("the VM tier needs root (namespaces, taps)")
     bed = Testbed("vm-deploy")
     bed.down()
-    bed.up(2, vm={"firmware": "mixed"})
-    made = subprocess.run(["ka-testbed", "mkenv", "--real", "--instance", bed.instance,
-                           "--format", "json"], capture_output=True, text=True, timeout=600)
-    assert made.returncode == 0, made.stderr
+    try:
+        bed.up(2, vm={"firmware": "mixed"})
+        made = subprocess.run(["ka-testbed", "mkenv", "--real", "--instance", bed.instance,
+                               "--format", "json"], capture_output=True, text=True, timeout=600)
+        assert made.returncode == 0, made.stderr
+    except BaseException:
+        bed.down()         # a failed setup leaves nothing behind (its teardown never runs)
+        raise
     yield bed
     bed.down()
 

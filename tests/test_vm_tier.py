@@ -29,7 +29,11 @@ def _bring_up(name, size, **vm):
         pytest.skip("the VM tier needs root (namespaces, taps)")
     bed = Testbed(name)
     bed.down()
-    return bed.up(size, vm=vm)
+    try:
+        return bed.up(size, vm=vm)
+    except BaseException:
+        bed.down()         # a failed setup leaves nothing behind (its teardown never runs)
+        raise
 
 
 @pytest.fixture(scope="module")

@@ -137,7 +137,6 @@ class _Session:
         self.rakp1 = self.rakp2 = self.rakp4 = None
         self.last_request = self.last_reply = self.sent = None
         self.last_used = time.monotonic()
-        self.answer_open(request[0])
 
     def answer_open(self, tag):
         _send_plain(self.socket, self.sockaddr, _OPEN_RESPONSE, self._open_response(tag))
@@ -293,7 +292,9 @@ class _NodeBmc:
             return
         self._make_room()
         session = self._session_class(self, peer, request, suite)
+        # filed before it is answered: the client's next packet (RAKP 1) may come at once
         self.sessions[session.managedsessionid] = session
+        session.answer_open(request[0])
 
     def _opening(self, peer, client_session_id, suite):
         """The session ``peer`` opened with this id and suite and has not started to use, if any."""
