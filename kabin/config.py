@@ -17,6 +17,7 @@ from pathlib import Path
 import yaml
 
 from . import nodes, paths
+from .partitioning import Partitioning, parse_partitioning, partition_device  # noqa: F401
 from .errors import ConfigError, UsageError
 from .schema import Section as _Section
 
@@ -184,23 +185,6 @@ class NodeConfig:
 
 
 @dataclass(frozen=True)
-class Partitioning:
-    block_device: str
-    partitions: dict
-    script: Path | None
-    disable_swap: bool
-    label: str = "dos"              # dos (MBR) | gpt
-    sizes: dict = None              # role -> size (sfdisk's: 64MiB...), the last one may be ""
-
-    def layout(self):
-        """'N:role:size' words in partition order (what partition.sh reads), or None."""
-        if not self.sizes:
-            return None
-        numbered = sorted((n, role) for role, n in self.partitions.items() if n is not None)
-        return " ".join(f"{n}:{role}:{self.sizes.get(role) or ''}" for n, role in numbered)
-
-
-@dataclass(frozen=True)
 class BootConfig:
     sleep_time_before_ping: float
     install_bootloader: Path | None
@@ -272,52 +256,6 @@ def _remoteops(sec):
             ops[name] = tuple(levels)
     sec.done()
     return ops
-
-
-PARTITION_ROLES = ("esp", "swap", "prod", "deploy", "tmp")
-SIZE = re.compile(r"^\d+(\.\d+)?(KiB|MiB|GiB|TiB|K|M|G|T)?$")
-
-
-def _partitioning(sec, base):
-    parts = sec.section("partitions")
-    numbers = {k: parts.get(k, int, None) for k in PARTITION_ROLES}
-    parts.done()
-    if numbers["deploy"] is None:
-        raise parts.error("deploy", "is required (the partition number to deploy on)")
-    script = sec.get("script", str, None)
-    cfg = Partitioning(
-        block_device=sec.get("block_device", str, "/dev/sda"),
-        partitions=numbers,
-        script=_path(base, script) if script else None,
-        disable_swap=sec.get("disable_swap", bool, False),
-        label=sec.get("label", str, "dos", ("dos", "gpt")),
-        sizes=_sizes(sec, numbers),
-    )
-    sec.done()
-    return cfg
-
-
-def _sizes(sec, numbers):
-    """partitioning.sizes: every numbered partition, numbers 1..N, only the last unsized."""
-    sizes = sec.get("sizes", dict, None)
-    if sizes is None:
-        return None
-    used = sorted((n, role) for role, n in numbers.items() if n is not None)
-    if [n for n, _ in used] != list(range(1, len(used) + 1)):
-        raise sec.error("partitions", "with sizes, the partitions are numbered 1, 2, ... N "
-                                      "(partition.sh creates them in that order)")
-    for role, size in sizes.items():
-        if role not in numbers or numbers[role] is None:
-            raise sec.error(f"sizes.{role}", "names no partition of 'partitions'")
-        if size not in (None, "rest") and not SIZE.match(str(size)):
-            raise sec.error(f"sizes.{role}", f"expected a size such as 64MiB or 2GiB, or "
-                                             f"'rest', not {size!r}")
-    unsized = [role for _, role in used if sizes.get(role) in (None, "rest")]
-    if unsized and unsized != [used[-1][1]]:
-        raise sec.error("sizes", f"every partition but the last needs a size "
-                                 f"({', '.join(unsized)} have none)")
-    return {role: "" if sizes.get(role) in (None, "rest") else str(sizes[role])
-            for _, role in used}
 
 
 def _boot(sec, base):
@@ -410,7 +348,8 @@ def load_cluster(name, file, base):
     cluster = ClusterConfig(
         name=name,
         file=file,
-        partitioning=_partitioning(sec.section("partitioning", True), base),
+        partitioning=parse_partitioning(sec.section("partitioning", True),
+                                        lambda value: _path(base, value)),
         boot=_boot(sec.section("boot", True), base),
         remoteops=_remoteops(sec.section("remoteops")),
         pxe=_pxe(sec.section("pxe")),
@@ -423,12 +362,6 @@ def load_cluster(name, file, base):
         raise ConfigError("is required: the reboot escalation levels", file, "remoteops.reboot")
     sec.done()
     return cluster
-
-
-def partition_device(block_device, number):
-    """/dev/sda + 3 -> /dev/sda3; /dev/nvme0n1 + 3 -> /dev/nvme0n1p3."""
-    separator = "p" if block_device[-1:].isdigit() else ""
-    return f"{block_device}{separator}{number}"
 
 
 # ---------------------------------------------------------------- timeouts as expressions of n

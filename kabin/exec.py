@@ -23,7 +23,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from . import nodes, records
-from .config import partition_device
+from .partitioning import partition_device
 from .errors import KabinError, UsageError
 from .parallel import Deadline, Executor
 from .ssh import SshError, SshPool

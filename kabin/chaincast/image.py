@@ -4,7 +4,7 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 
-from ..config import partition_device
+from ..partitioning import partition_device
 from ..errors import UsageError
 
 KINDS = ("tar", "dd")

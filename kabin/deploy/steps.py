@@ -12,7 +12,7 @@ import time
 from .. import chaincast, envs, pxe, records
 from .. import exec as exec_mod
 from .. import reboot as reboot_mod
-from ..config import partition_device
+from ..partitioning import partition_device
 from ..parallel import Executor
 from ..ssh import SshError
 from .automata import MicroStep
