@@ -131,8 +131,8 @@ def cli():
               help="Switches the nodes are spread over (the cluster's topology).")
 @click.option("--link-rate", metavar="RATE", help="Shape every node link, e.g. 100mbit (netns).")
 @click.option("--uplink-rate", metavar="RATE", help="Shape the switches' uplinks (netns).")
-@click.option("--disk-size", default="512M", show_default=True, metavar="SIZE",
-              help="Each node's disk (sparse), e.g. 1G.")
+@click.option("--disk-size", default=None, metavar="SIZE",
+              help="Each node's disk (sparse), e.g. 1G (default: 512M; 4G with --vm).")
 @click.option("--boot-delay", type=click.FloatRange(0), default=2.0, show_default=True,
               metavar="SECONDS", help="How long a boot takes.")
 @click.option("--fault", "initial_faults", multiple=True, metavar="NODE=KIND",
@@ -167,8 +167,6 @@ def up(**opts):
         vm = {"firmware": opts["firmware"], "memory": opts["vm_memory"], "nic": opts["nic"],
               "disk_bus": opts["disk_bus"], "disk_format": opts["disk_format"],
               "pxe_method": opts["pxe_method"]}
-        if opts["disk_size"] == "512M":
-            opts["disk_size"] = "4G"
     lifecycle.up(opts["instance"], opts["size"], opts["netns"], opts["switches"],
                  opts["link_rate"], opts["uplink_rate"], opts["disk_size"], opts["boot_delay"],
                  opts["initial_faults"], opts["timeout"], vm=vm)

@@ -135,11 +135,13 @@ def running_state(name):
 # ---------------------------------------------------------------- up
 
 def up(name=layout_mod.DEFAULT, size=8, netns=False, switches=2, link_rate=None,
-       uplink_rate=None, disk_size=DEFAULT_DISK, boot_delay=DEFAULT_BOOT_DELAY,
+       uplink_rate=None, disk_size=None, boot_delay=DEFAULT_BOOT_DELAY,
        initial_faults=(), timeout=None, vm=None):
     """Bring instance ``name`` up (nothing to do if it is up alike); its Layout.
 
-    ``vm``: a dict of VM settings (see ``vmtier.settings``) for the VM tier."""
+    ``vm``: a dict of VM settings (see ``vmtier.settings``) for the VM tier.
+    ``disk_size`` None: DEFAULT_DISK, or vmtier.DEFAULT_DISK for the VM tier."""
+    disk_size = disk_size or (vmtier.DEFAULT_DISK if vm else DEFAULT_DISK)
     params = _params(size, netns or bool(vm), switches, link_rate, uplink_rate, disk_size,
                      boot_delay, initial_faults)
     if vm:

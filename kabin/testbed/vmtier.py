@@ -27,6 +27,7 @@ progress = logging.getLogger("kabin.progress")
 
 FIRMWARE_CHOICES = ("bios", "uefi", "mixed")
 MIN_MEMORY = 256
+DEFAULT_DISK = "4G"       # partition.sh's VM layout: ESP, swap, a 1.5 GiB deploy partition, tmp
 GRUB_HEADER = ("serial --unit=0 --speed=115200\nterminal_input serial console\n"
                "terminal_output serial console\nset timeout=1\n")
 PXELINUX_HEADER = "SERIAL 0 115200\nPROMPT 0\nTIMEOUT 10\n"
