@@ -269,3 +269,21 @@ def test_pxelinux_boots_a_bios_machine(pxelinux_vm):
         f"BOOT_IMAGE=kernels/deploy-vmlinuz {DEPLOY_CMDLINE} initrd=kernels/deploy-initrd.img"
     log = (pxelinux_vm.layout.dir / "boot" / "dnsmasq.log").read_text()
     assert "pxelinux.0" in log
+
+
+def test_an_e1000_machine_with_a_sata_qcow2_disk():
+    bed = _bring_up("vm-sata", 1, firmware="uefi", nic="e1000", disk_bus="sata",
+                    disk_format="qcow2")
+    try:
+        done = bed.ssh("node-1", "basename $(readlink /sys/class/net/eth0/device/driver); "
+                                 "[ -b /dev/sda ] && echo sda; [ -d /sys/firmware/efi ] && echo efi")
+        assert done.returncode == 0, done.stderr
+        assert done.stdout.split() == ["e1000", "sda", "efi"]
+        image = bed.layout.dir / "disks" / "node-1.qcow2"
+        info = json.loads(subprocess.run(["qemu-img", "info", "--force-share", "--output=json",
+                                          str(image)], capture_output=True, text=True,
+                                         check=True).stdout)
+        assert info["format"] == "qcow2"
+        assert bed.config.clusters["local"].partitioning.block_device == "/dev/sda"
+    finally:
+        bed.down()

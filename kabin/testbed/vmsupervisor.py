@@ -93,14 +93,13 @@ class VmSupervisor:
     # ------------------------------------------------ what the machines run
 
     def booted(self, name):
-        """deploy (22 and the marker port open), system (22 only), none; off when off."""
-        machine = self.machines[name]
-        if not machine.is_on():
+        """deploy (SSH and the marker port open), system (SSH only), none; off when off."""
+        if not self.machines[name].is_on():
             return "off"
-        address = self.config.node(name).address
-        if not port_open(address, 22):
+        node = self.config.node(name)
+        if not port_open(node.address, node.ssh_port):
             return "none"
-        return "deploy" if port_open(address, self.marker_port) else "system"
+        return "deploy" if port_open(node.address, self.marker_port) else "system"
 
     def records(self, names):
         def record(name):
