@@ -90,15 +90,16 @@ class Loopback:
 
     name = "loopback"
 
-    def __init__(self, image):
-        self.image = image
+    def __init__(self, image, verify="written"):
+        self.image, self.verify = image, verify
         self.root = Path(tempfile.mkdtemp(prefix="kabin-bench-", dir="/dev/shm"))
 
     def run(self, count, rate, victim=None):
         names = [f"node-{i}" for i in range(1, count + 1)]
         addresses = {n: f"127.0.72.{i}" for i, n in enumerate(names, 1)}
         job = Broadcast(self.image, LocalLauncher(), addresses.get, lambda n: str(self.root / n),
-                        PORTS, Options(max_rate=rate, timeout=3600, stall_timeout=10))
+                        PORTS, Options(max_rate=rate, timeout=3600, stall_timeout=10,
+                                       verify=self.verify))
         if victim:
             job.observer = _kill_at_half(job, victim)
         try:
@@ -125,10 +126,10 @@ class Netns:
     name = "netns"
     DEST = "/mnt/dest/bench"
 
-    def __init__(self, image, instance):
+    def __init__(self, image, instance, verify="written"):
         from kabin.testbed.instance import Testbed
 
-        self.image, self.testbed = image, Testbed(instance)
+        self.image, self.testbed, self.verify = image, Testbed(instance), verify
         self.config = self.testbed.config
 
     def run(self, count, rate, victim=None):
@@ -138,7 +139,8 @@ class Netns:
         if victim:  # the testbed crashes it once it has received half the image
             self.testbed.fault(victim, f"die-after-bytes={self.image.size // 2}")
         job = new_broadcast(self.image, self.config, dest=self.DEST,
-                            options=Options(timeout=3600, stall_timeout=10))
+                            options=Options(timeout=3600, stall_timeout=10,
+                                            verify=self.verify))
         try:
             return _timed(job, names)
         finally:
@@ -324,12 +326,14 @@ def main():
     parser.add_argument("--serial", type=int, default=4)
     parser.add_argument("--instance", default="h6")
     parser.add_argument("--keep", action="store_true", help="Keep the testbed instance up.")
+    parser.add_argument("--verify", choices=["written", "stream"], default="written",
+                        help="What the nodes check (ka-chaincast --verify).")
     parser.add_argument("--inside", metavar="IMAGE", help=argparse.SUPPRESS)
     args = parser.parse_args()
     counts = [int(x) for x in args.nodes.split(",")]
     if args.inside:  # in the frontend's namespace: measure one rate
         image = open_image(args.inside, "tar")
-        tier = Netns(image, args.instance)
+        tier = Netns(image, args.instance, args.verify)
         measure(tier, image, counts, parse_rate(args.rate), args.serial,
                 f"netns, links shaped to {args.rate}")
         return
@@ -337,7 +341,7 @@ def main():
         image = make_image(tmp, args.size_mb)
         runs = [(counts, args.rate)] + ([([2, args.big], args.big_rate)] if args.big else [])
         if args.tier == "loopback":
-            tier = Loopback(image)
+            tier = Loopback(image, args.verify)
             try:
                 for nodes, rate in runs:
                     measure(tier, image, nodes, parse_rate(rate), args.serial,
@@ -358,7 +362,7 @@ def netns_run(args, image, counts, rate):
     try:
         argv = [sys.executable, __file__, "--inside", str(image.path), "--instance", args.instance,
                 "--nodes", ",".join(map(str, counts)), "--rate", rate,
-                "--serial", str(args.serial)]
+                "--serial", str(args.serial), "--verify", args.verify]
         subprocess.run(exec_argv(args.instance, argv), env=testbed.env, check=True)
     finally:
         if not args.keep:

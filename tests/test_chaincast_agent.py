@@ -141,7 +141,7 @@ def test_ownership_modes_links_and_devices_are_kept(places):
                 _file("usr/own", b"o", mode=0o640, uid=1234, gid=4321),
                 _dir("tmp", 0o1777), _symlink("lib", "/usr/lib"), _hardlink("usr/su2", "usr/su", 0o4755),
                 ({"name": "null", "type": tarfile.CHRTYPE, "devmajor": 1, "devminor": 3, "mode": 0o666}, None))
-    assert _extract(data, dest) == 7
+    assert len(_extract(data, dest)) == 7
     assert (dest / "usr/su").stat().st_mode & 0o7777 == 0o4755
     own = (dest / "usr/own").stat()
     assert (own.st_uid, own.st_gid, own.st_mode & 0o777) == (1234, 4321, 0o640)
@@ -157,7 +157,7 @@ def test_a_long_archive_keeps_hard_links_and_directory_modes(places):
     members = [_dir("etc", 0o700), _file("etc/first", b"1")]
     members += [_file(f"etc/f{i}", b"%d" % i) for i in range(2500)]
     members += [_hardlink("etc/again", "etc/first")]
-    assert _extract(_tar(*members), dest) == 2503
+    assert len(_extract(_tar(*members), dest)) == 2503
     assert (dest / "etc/again").stat().st_ino == (dest / "etc/first").stat().st_ino
     assert (dest / "etc/f2499").read_bytes() == b"2499"
     assert (dest / "etc").stat().st_mode & 0o7777 == 0o700

@@ -13,9 +13,11 @@ import re
 import signal
 import socket
 import subprocess
+import sys
 import tarfile
 import threading
 import time
+from pathlib import Path
 
 import pytest
 from chaincast_support import make_tree, tree_digest, write_image
@@ -26,6 +28,7 @@ from kabin.chaincast.launch import LocalLauncher
 from kabin.chaincast.sender import Source
 
 PORTS = (25400, 25420)
+HERE = Path(__file__).parent
 FAST = {"stall_timeout": 3.0, "interval": 0.2, "timeout": 90.0, "start_timeout": 30.0}
 
 
@@ -58,12 +61,15 @@ def broadcast(tmp_path, image, count=4, dest_of=None, items=None, python=None, o
     return {r["node"]: r for r in out}, job
 
 
-def assert_all_ok(results, image):
+def assert_all_ok(results, image, written_sha256=None):
     sha = hashlib.sha256(image.path.read_bytes()).hexdigest()
     for node, record in results.items():
         assert record["status"] == "ok", (node, record.get("error"))
         assert record["bytes"] == image.size and record["sha256"] == sha
         assert record["step"] == "chaincast" and record["history"][-1]["status"] == "ok"
+        assert len(record["written_sha256"]) == 64     # read back from the disk, and compared
+        if written_sha256:
+            assert record["written_sha256"] == written_sha256
 
 
 @pytest.mark.parametrize("compression", ["gzip", "xz", "zstd", "bzip2", "none"])
@@ -100,9 +106,38 @@ def test_dd_writes_the_decompressed_image(tmp_path):
     disk = os.urandom(1 << 20) + bytes(3 << 20)
     image = open_image(write_image(tmp_path, disk, "xz"), "dd")
     results, _ = broadcast(tmp_path, image, count=3, dest_of=lambda n: str(tmp_path / f"{n}.disk"))
-    assert_all_ok(results, image)
+    assert_all_ok(results, image, written_sha256=hashlib.sha256(disk).hexdigest())
     for node in results:
         assert (tmp_path / f"{node}.disk").read_bytes() == disk
+
+
+@pytest.fixture
+def corrupting_disk(tmp_path):
+    """A disk (a file in a FUSE file system) that flips a bit in every write it takes."""
+    pytest.importorskip("fuse", reason="needs fusepy (and libfuse2)")
+    mountpoint = tmp_path / "mnt"
+    mountpoint.mkdir()
+    server = subprocess.Popen([sys.executable, str(HERE / "corrupting_disk.py"), str(mountpoint),
+                               str(8 << 20)], stdout=subprocess.PIPE, text=True)
+    try:
+        assert server.stdout.readline() == "ready\n"
+        yield mountpoint / "disk"
+    finally:
+        subprocess.run(["umount", str(mountpoint)], check=False)
+        server.wait(timeout=30)
+
+
+def test_a_disk_that_corrupts_what_it_writes_is_ko(tmp_path, corrupting_disk):
+    """The write and the sync succeed, the stream arrived intact: reading it back tells."""
+    image = open_image(write_image(tmp_path, os.urandom(1 << 20), "zstd"), "dd")
+    results, _ = broadcast(tmp_path, image, count=1, dest_of=lambda n: str(corrupting_disk))
+    record = results["node-1"]
+    assert record["status"] == "ko", record
+    assert record["error"] == "checksum mismatch: the disk gave back other data than the image's"
+    assert record["sha256"] == hashlib.sha256(image.path.read_bytes()).hexdigest()
+    results, _ = broadcast(tmp_path, image, count=1, dest_of=lambda n: str(corrupting_disk),
+                           verify="stream")
+    assert results["node-1"]["status"] == "ok" and "written_sha256" not in results["node-1"]
 
 
 def test_store_keeps_the_image_as_it_is(tmp_path, source_tree):

@@ -15,7 +15,9 @@ import os
 import subprocess
 
 import pytest
+from vm_support import console, facts, kadeploy, make_real_envs
 
+from kabin.chaincast import sinks, written
 from kabin.testbed.instance import Testbed
 
 pytestmark = [pytest.mark.vm, pytest.mark.timeout(900)]
@@ -32,33 +34,12 @@ def vms():
     bed.down()
     try:
         bed.up(2, vm={"firmware": "mixed"})
-        made = subprocess.run(["ka-testbed", "mkenv", "--real", "--instance", bed.instance,
-                               "--format", "json"], capture_output=True, text=True, timeout=600)
-        assert made.returncode == 0, made.stderr
+        make_real_envs(bed)
     except BaseException:
         bed.down()         # a failed setup leaves nothing behind (its teardown never runs)
         raise
     yield bed
     bed.down()
-
-
-def kadeploy(bed, *args, timeout=900):
-    done = subprocess.run(["ka-testbed", "exec", "--instance", bed.instance, "--", "kadeploy",
-                           *args, "--format", "json"], capture_output=True, text=True,
-                          timeout=timeout)
-    return done.returncode, {r["node"]: r for r in map(json.loads, done.stdout.splitlines())}, \
-        done.stderr
-
-
-def facts(bed, node):
-    """What the running system says of itself."""
-    done = bed.ssh(node, "uname -r; findmnt -n -o SOURCE /; cat /sys/class/dmi/id/sys_vendor; "
-                         "cat /etc/hostname; cat /proc/cmdline; "
-                         "[ -d /sys/firmware/efi ] && echo uefi || echo bios; "
-                         "[ -e /dev/vda ] && echo disk")
-    assert done.returncode == 0, done.stderr
-    keys = ("kernel", "root", "vendor", "hostname", "cmdline", "firmware", "disk")
-    return dict(zip(keys, done.stdout.splitlines()))
 
 
 def env_kernel(bed):
@@ -87,6 +68,28 @@ def test_tar_image_kexec(vms):
     assert rc == 0, err
     assert {n: (r["status"], r["variant"]["BootNewEnv"]) for n, r in out.items()} == \
         {"node-1": ("ok", "Kexec"), "node-2": ("ok", "Kexec")}
+    assert_running(vms, "realenv-tzst", "kexec")
+
+
+def test_a_running_system_is_kexeced_into_the_deployment_environment(vms):
+    """SetDeploymentEnv Kexec: no firmware, no PXE: the deployed system kexecs the deployment
+    kernel it was sent, which kexecs the new system in turn. Each node's digest of the tree
+    it extracted, read back from its disk, is the one the frontend computes from the archive."""
+    with open(vms.layout.dir / "envs" / "realenv-tzst.tar.zst", "rb") as handle:
+        expected = written.expected_tree(sinks.decompressed(handle, "zstd"))
+    before = {node: len(console(vms, node)) for node in NODES}
+    rc, out, err = kadeploy(vms, "-e", "realenv-tzst", "-m", "node-[1-2]", "--force-steps",
+                            "SetDeploymentEnv|Kexec:300:0&BroadcastEnv|Chain:600:0"
+                            "&BootNewEnv|Kexec:180:0")
+    assert rc == 0, err
+    for node, record in out.items():
+        assert record["variant"] == {"SetDeploymentEnv": "Kexec", "BroadcastEnv": "Chain",
+                                     "BootNewEnv": "Kexec"}, record
+        assert "send_deploy_kernel" in [h["step"] for h in record["history"]]
+        assert record["written_sha256"] == expected
+        since = console(vms, node)[before[node]:]
+        assert "Network Boot Firmware" not in since and "SeaBIOS" not in since
+        assert since.count("Linux version") == 2         # the deployment kernel, then the env's
     assert_running(vms, "realenv-tzst", "kexec")
 
 

@@ -14,6 +14,7 @@ import subprocess
 import time
 
 import pytest
+from vm_support import console, deploy_and_boot_from_the_disk, make_real_envs
 
 from kabin.testbed import lifecycle
 from kabin.testbed.instance import Testbed
@@ -41,11 +42,6 @@ def grub_vms():
     bed = _bring_up("vm-grub", 2, firmware="mixed")
     yield bed
     bed.down()
-
-
-def console(bed, node):
-    return (bed.layout.node_dir(bed.layout.index_of(node)) / "console.log").read_text(
-        errors="replace")
 
 
 def cmdlines(bed, node):
@@ -228,6 +224,16 @@ def test_ipxe_boots_both_firmwares_then_over_http(ipxe_vms, tmp_path):
         assert "http://10." in console(ipxe_vms, node)
 
 
+def test_ipxe_local_boot_chains_the_disks_grub_on_both_firmwares(ipxe_vms):
+    """The cluster's local loader is GRUB: iPXE chains GRUB's network image for its firmware,
+    whose local profile starts the deploy partition's GRUB (BIOS) or the ESP's (UEFI)."""
+    make_real_envs(ipxe_vms)
+    seen = deploy_and_boot_from_the_disk(ipxe_vms, ("node-1", "node-2"))
+    assert "grub/i386-pc/core.0" in seen["node-1"]
+    assert "grub/x86_64-efi/core.efi" in seen["node-2"]
+    assert all("Booting `kabin local'" in text for text in seen.values())
+
+
 def test_a_removed_disk_fails_every_io(ipxe_vms):
     before = ipxe_vms.ssh("node-1", "dd if=/dev/vda of=/dev/null bs=4096 count=1 iflag=direct")
     assert before.returncode == 0, before.stderr
@@ -269,6 +275,29 @@ def test_pxelinux_boots_a_bios_machine(pxelinux_vm):
         f"BOOT_IMAGE=kernels/deploy-vmlinuz {DEPLOY_CMDLINE} initrd=kernels/deploy-initrd.img"
     log = (pxelinux_vm.layout.dir / "boot" / "dnsmasq.log").read_text()
     assert "pxelinux.0" in log
+
+
+def test_pxelinux_local_boot_chains_the_deploy_partition(pxelinux_vm):
+    make_real_envs(pxelinux_vm)
+    log = pxelinux_vm.layout.dir / "boot" / "dnsmasq.log"
+    start = log.stat().st_size
+    deploy_and_boot_from_the_disk(pxelinux_vm, ("node-1",))
+    with open(log, errors="replace") as handle:
+        handle.seek(start)
+        assert "chain.c32" in handle.read()     # PXELINUX's COM32 chain.c32 hd0 3
+
+
+def test_ipxe_sanboot_boots_the_grub_of_the_mbr():
+    """iPXE boots no partition: with it as the local loader the disk gets an MBR table and
+    install-bootloader.sh puts GRUB in the MBR, which 'sanboot --drive 0x80' starts."""
+    bed = _bring_up("vm-san", 1, firmware="bios", pxe_method="ipxe", local_method="ipxe")
+    try:
+        assert bed.config.clusters["local"].partitioning.label == "dos"
+        make_real_envs(bed)
+        seen = deploy_and_boot_from_the_disk(bed, ("node-1",))
+        assert "Booting from SAN device 0x80" in seen["node-1"]
+    finally:
+        bed.down()
 
 
 def test_an_e1000_machine_with_a_sata_qcow2_disk():

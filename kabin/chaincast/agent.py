@@ -9,7 +9,7 @@ stdin carries commands and stdout carries events, one JSON object per line:
   agent itself (see ``launch.agent_start``), or as the first line in;
 - out: ``ready`` (port, pid), then ``state`` every ``interval`` seconds (the
   offsets and idle times the sender needs to find a stalled node), ``child-lost``,
-  ``cannot-serve``, ``sink-failed``, ``done`` (bytes, sha256, time), ``fatal``;
+  ``cannot-serve``, ``sink-failed``, ``done`` (bytes, sha256, written, time), ``fatal``;
 - in: ``children`` (the nodes to forward to: every node gets it, leaves an empty
   list, and until then its ring keeps all it receives); EOF on stdin ends the agent.
 
@@ -26,10 +26,12 @@ Each data link has 4 MB of kernel buffer at both ends (``SOCKET_BUFFER``): a
 relay the scheduler holds back for a moment does not leave its child's link
 idle, and nothing waits in them while the chain keeps pace.
 
-What a node does with the data (decompress, extract, write) is in ``sinks``,
-sent ahead of this file in the same script (see ``launch.agent_source``).
+What a node does with the data (decompress, extract, write) is in ``sinks``, how
+it reads back what it wrote in ``written``: both are sent ahead of this file in
+the same script (see ``launch.agent_source``).
 """
 
+import functools
 import mmap
 import os
 import socket
@@ -38,7 +40,7 @@ import sys
 import threading
 import time
 
-try:  # in the package; on a node, sinks.py comes first in the same script
+try:  # in the package; on a node, sinks.py and written.py come first in the same script
     from .sinks import (
         Aborted,
         decompressed,
@@ -47,6 +49,7 @@ try:  # in the package; on a node, sinks.py comes first in the same script
         store_file,
         write_blocks,
     )
+    from .written import observed_tree, read_back
 except ImportError:
     pass
 
@@ -246,6 +249,7 @@ class Agent:
         self.up_cond = threading.Condition()
         self.children = {}                  # name -> Forwarder
         self.sink_error, self.sink_done, self.received = None, False, False
+        self.written = None                 # the written data's digest, read back (job "verify")
         self.lock = threading.Lock()
         self.done_sent = False
         self.closing = threading.Event()
@@ -364,14 +368,19 @@ class Agent:
         try:
             if job["store"]:
                 store_file(raw, job["dest"])
+                check = functools.partial(read_back, job["dest"])
             else:
                 stream = decompressed(raw, job["compression"])
                 if job["kind"] == "tar":
-                    extract_tar(stream, job["dest"])
+                    names = extract_tar(stream, job["dest"])
+                    check = functools.partial(observed_tree, os.path.realpath(job["dest"]), names)
                 else:
-                    write_blocks(stream, job["dest"])
+                    size = write_blocks(stream, job["dest"])
+                    check = functools.partial(read_back, job["dest"], size)
                 drain(stream)  # to the end: the decompressor checks the stream's trailer
             drain(raw)
+            if job.get("verify") == "written":
+                self.written = check()
         except Aborted:
             return
         except Exception as exc:  # noqa: BLE001 (any failure of this node's disk or image:
@@ -388,7 +397,8 @@ class Agent:
             if not (self.received and self.sink_done) or self.done_sent:
                 return
             self.done_sent = True
-        self.emit("done", bytes=self.ring.head, sha256=self.digest.hexdigest(),
+        written = {"written": self.written} if self.written else {}
+        self.emit("done", bytes=self.ring.head, sha256=self.digest.hexdigest(), **written,
                   time=round(time.monotonic() - self.started, 3), **_usage())
 
     # -------------------------------------------------------- children

@@ -24,7 +24,7 @@ from .. import records
 from ..errors import KabinError
 from ..parallel import Deadline, Executor
 from . import order
-from .sender import Source, SourceDigest
+from .sender import Source, SourceDigest, WrittenDigest
 from .topology import SOURCE, Topology, stalled_nodes
 
 log = logging.getLogger(__name__)
@@ -47,6 +47,7 @@ class Options:
     max_rate: float | None = None    # bytes per second the source sends at most
     start_fanout: int = 64           # agents started at once
     progress_every: float = 2.0      # seconds between two progress lines
+    verify: str = "written"          # written (read back from the disk) | stream (as received)
 
 
 @dataclass
@@ -84,6 +85,7 @@ class Broadcast:
         self.events = queue.Queue()
         self.token = secrets.token_hex(16)
         self.nodes, self.topology, self.source, self.digest = {}, None, None, None
+        self.written = None
 
     # ------------------------------------------------------------ the whole run
 
@@ -100,6 +102,8 @@ class Broadcast:
         self.started = time.monotonic()
         self.deadline = Deadline(self.options.timeout)
         self.digest = SourceDigest(self.image.path, self.halt, self.image.sha256)
+        if self.options.verify == "written":
+            self.written = self.digest if self.store else WrittenDigest(self.image, self.halt)
         try:
             yield from self._start(wanted)
             ready = [name for name, n in self.nodes.items() if _ready(n)]
@@ -140,6 +144,7 @@ class Broadcast:
                "compression": self.image.compression, "store": self.store,
                "dest": self.dest_of(name), "ports": list(self.ports), "bind": _resolve(address),
                "ring": self.options.ring, "interval": self.options.interval,
+               "verify": self.options.verify,
                "deadline": self.options.timeout + self.options.start_timeout}
         return self.launcher.start(name, job, self.events, self.options.start_timeout)
 
@@ -217,16 +222,27 @@ class Broadcast:
 
     def _done(self, name, event):
         self.nodes[name].usage = {k: event[k] for k in ("cpu", "peak_mb") if k in event}
-        expected = self.digest.result(self.deadline.remaining())
         fields = {"bytes": event["bytes"], "sha256": event["sha256"]}
-        if expected is None:
-            why = self.digest.error or "the source digest is not known"
-            yield from self._resolve(name, "ko", error=f"cannot verify the data: {why}", **fields)
-        elif event["sha256"] != expected:
-            yield from self._resolve(name, "ko", error="checksum mismatch: received data differs "
-                                                       "from the image", **fields)
+        if "written" in event:
+            fields["written_sha256"] = event["written"]
+        error = self._verify(self.digest, event["sha256"], "received data differs from the image")
+        if error is None and self.written is not None:
+            error = self._verify(self.written, event.get("written"),
+                                 "the disk gave back other data than the image's")
+        if error:
+            yield from self._resolve(name, "ko", error=error, **fields)
         else:
             yield from self._resolve(name, "ok", **fields)
+
+    def _verify(self, expected, seen, mismatch):
+        """None if ``seen`` is the digest ``expected`` computes, else why not."""
+        value = expected.result(self.deadline.remaining())
+        if value is None:
+            why = expected.error or "the source digest is not known"
+            return f"cannot verify the data: {why}"
+        if seen != value:
+            return f"checksum mismatch: {mismatch}"
+        return None
 
     def _resolve(self, name, status, error=None, **fields):
         node = self.nodes[name]

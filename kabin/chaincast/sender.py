@@ -56,6 +56,50 @@ class SourceDigest:
         return self.value
 
 
+class WrittenDigest:
+    """What a node's read-back of the written data should give (see ``written``), computed
+    in the background from the image during the broadcast."""
+
+    def __init__(self, image, stop):
+        self.image, self.stop = image, stop
+        self.value, self.error = None, None
+        self._done = threading.Event()
+        threading.Thread(target=self._run, daemon=True, name="kabin-chaincast-written").start()
+
+    def _run(self):
+        from . import sinks, written
+
+        try:
+            with open(self.image.path, "rb") as handle:
+                stream = _Stoppable(sinks.decompressed(handle, self.image.compression), self.stop)
+                if self.image.kind == "tar":
+                    self.value = written.expected_tree(stream)
+                else:
+                    self.value = written.expected_stream(stream)[1]
+        except Exception as exc:  # noqa: BLE001 (any unreadable or corrupt image: the nodes
+            # cannot be verified, and say why)
+            self.error = f"cannot read the image: {exc}"
+        finally:
+            self._done.set()
+
+    def result(self, timeout):
+        """The hex digest, or None if not known within ``timeout`` seconds."""
+        self._done.wait(timeout)
+        return self.value
+
+
+class _Stoppable:
+    """A stream that ends early once ``stop`` is set (the broadcast is over)."""
+
+    def __init__(self, stream, stop):
+        self.stream, self.stop = stream, stop
+
+    def read(self, size=-1):
+        if self.stop.is_set():
+            raise OSError("the broadcast is over")
+        return self.stream.read(size)
+
+
 class Source:
     """Feeds the image file to the children the broadcast gives it."""
 

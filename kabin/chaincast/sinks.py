@@ -161,19 +161,20 @@ def _clear(target, member):
 
 
 def extract_tar(stream, dest):
-    """Extract a tar stream into ``dest`` with ``MemberGuard`` checks; returns the member count."""
+    """Extract a tar stream into ``dest`` with ``MemberGuard`` checks; returns the names extracted."""
     import tarfile  # here, not at the top: the agent is ready sooner
 
     os.makedirs(dest, exist_ok=True)
     root = os.path.realpath(dest)
-    guard, count = MemberGuard(root), [0]
+    guard, names = MemberGuard(root), set()
 
     def checked(archive):
         for member in archive:
-            count[0] += 1
-            if count[0] % 1024 == 0:  # extractall keeps its own list of directories
+            if len(names) % 1024 == 1023:  # extractall keeps its own list of directories
                 del archive.members[:]
-            yield guard.check(member)
+            member = guard.check(member)
+            names.add(os.path.normpath(member.name))
+            yield member
 
     # Mode "r:" over a forward-only reader: tarfile then copies each member's data
     # straight from the decompressor to its file ("r|" buffers and re-slices it all).
@@ -185,7 +186,7 @@ def extract_tar(stream, dest):
             options["filter"] = "fully_trusted"
         archive.extractall(root, members=checked(archive), **options)
     sync_filesystem(root)
-    return count[0]
+    return names
 
 
 class ForwardReader:
@@ -226,12 +227,12 @@ class ForwardReader:
 
 
 def write_blocks(stream, dest):
-    """Write the stream to a block device or a file (``dd``)."""
+    """Write the stream to a block device or a file (``dd``); returns the bytes written."""
     existing = os.stat(dest).st_mode if os.path.exists(dest) else 0
     flags = os.O_WRONLY
     if not (stat.S_ISBLK(existing) or stat.S_ISCHR(existing)):
         flags |= os.O_CREAT | os.O_TRUNC
-    _write_file(stream, dest, flags)
+    return _write_file(stream, dest, flags)
 
 
 def store_file(raw, dest):
@@ -248,17 +249,20 @@ def _write_file(stream, path, flags):
     fd = os.open(path, flags, 0o644)
     try:
         with Flusher(lambda: os.fdatasync(fd)):
-            _copy_to_fd(stream, fd)
+            size = _copy_to_fd(stream, fd)
         os.fsync(fd)
     finally:
         os.close(fd)
+    return size
 
 
 def _copy_to_fd(stream, fd):
+    size = 0
     while True:
         data = stream.read(1 << 20)
         if not data:
-            return
+            return size
+        size += len(data)
         view = memoryview(data)
         while view:
             view = view[os.write(fd, view):]

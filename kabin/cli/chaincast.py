@@ -43,17 +43,24 @@ MB = 1 << 20
               metavar="MB/S", help="Cap the rate the source sends at (shared networks).")
 @click.option("--ring-size", type=click.IntRange(1), default=16, show_default=True,
               metavar="MB", help="Data each relay keeps to repair the chain (its memory bound).")
+@click.option("--verify", type=click.Choice(["written", "stream"]), default="written",
+              show_default=True, help="written: each node reads back from its disk what it "
+                                      "wrote, and its digest must be the image's; stream: only "
+                                      "what it received is checked.")
 @common.stream_options
 @common.command
 def cli(env_spec, owner, image_file, kind, compression, dest, store, method, tree_fanout, order,
-        stall_timeout, timeout, max_rate, ring_size, **opts):
+        stall_timeout, timeout, max_rate, ring_size, verify, **opts):
     """Send one image to every OK node in about the time it takes to send it to one.
 
     The source streams the image to the first node, which writes it and
     forwards the same bytes to the next (nodes ordered by switch), and so on.
-    Each node checks a SHA-256 of what it received; a node that dies or stalls
-    is KO and routed around; the others complete. Records get bytes, sha256
-    and time. Progress (bytes, rate, ETA, nodes done) goes to stderr.
+    Each node checks a SHA-256 of what it received, then reads back what it
+    wrote (the bytes of a dd image, the tree of a tar image: --verify); a
+    digest other than the image's is KO. A node that dies or stalls is KO and
+    routed around; the others complete. Records get bytes, sha256,
+    written_sha256 and time. Progress (bytes, rate, ETA, nodes done) goes to
+    stderr.
 
     \b
     Examples:
@@ -79,7 +86,7 @@ def cli(env_spec, owner, image_file, kind, compression, dest, store, method, tre
         method=chaincast.pick_method(image.size, count) if method == "auto" else method,
         fanout=tree_fanout, order=order, stall_timeout=stall_timeout,
         timeout=timeout or chaincast.broadcast_timeout(image.size),
-        ring=ring_size * MB, max_rate=max_rate * MB if max_rate else None)
+        ring=ring_size * MB, max_rate=max_rate * MB if max_rate else None, verify=verify)
     output = chaincast.broadcast(items, image, config, dest=dest, store=store, options=options)
     if env_spec:   # the next steps' KADEPLOY_ENV_* (ka-exec --env) come from it
         output = (dict(r, env=r.get("env") or env_spec) if r.get("status") == "ok" else r

@@ -144,6 +144,9 @@ def cli():
               show_default=True, help="VM firmware: SeaBIOS + iPXE, OVMF, or both in turn.")
 @click.option("--pxe-method", type=click.Choice(["pxelinux", "grub", "ipxe"]),
               help="VM cluster's PXE method (default: pxelinux; grub if a VM is UEFI).")
+@click.option("--local-method", type=click.Choice(["pxelinux", "grub", "ipxe"]),
+              help="VM cluster's local boot loader (default: the PXE method's; grub with "
+                   "ipxe). ipxe boots the disk's MBR, so the disk gets an MBR table.")
 @click.option("--vm-memory", type=click.IntRange(1), default=512, show_default=True,
               metavar="MB", help="Memory of each VM.")
 @click.option("--nic", type=click.Choice(["virtio", "e1000"]), default="virtio",
@@ -166,7 +169,7 @@ def up(**opts):
     if opts["vm"]:
         vm = {"firmware": opts["firmware"], "memory": opts["vm_memory"], "nic": opts["nic"],
               "disk_bus": opts["disk_bus"], "disk_format": opts["disk_format"],
-              "pxe_method": opts["pxe_method"]}
+              "pxe_method": opts["pxe_method"], "local_method": opts["local_method"]}
     lifecycle.up(opts["instance"], opts["size"], opts["netns"], opts["switches"],
                  opts["link_rate"], opts["uplink_rate"], opts["disk_size"], opts["boot_delay"],
                  opts["initial_faults"], opts["timeout"], vm=vm)

@@ -269,7 +269,8 @@ def _after_broadcast(plan):
 
 def build_steps(macro, variant, plan):
     """The micro-steps of one variant of a macro-step."""
-    local = plan.deploy_part_num
+    # iPXE boots no partition: the disk's MBR, where install-bootloader.sh put GRUB
+    local = pxe.DISK if plan.cluster.pxe.local_method == "ipxe" else plan.deploy_part_num
     builders = {
         ("SetDeploymentEnv", "Untrusted"): lambda: [
             plan.switch_pxe("deploy"), plan.reboot(ALL_LEVELS, "deploy"), *_deploy_env_setup(plan)],

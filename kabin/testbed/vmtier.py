@@ -35,19 +35,24 @@ BOOT_SECONDS = 120        # one TCG boot, firmware to sshd, with 2 machines shar
 
 
 def settings(size, firmware="bios", memory=512, nic="virtio", disk_bus="virtio",
-             disk_format="raw", pxe_method=None):
+             disk_format="raw", pxe_method=None, local_method=None):
     """The VM settings kept in the instance's state; a UsageError for a bad one.
 
     ``pxe_method``: the cluster's; default pxelinux, or grub when a machine is UEFI
-    (PXELINUX boots BIOS clients only)."""
+    (PXELINUX boots BIOS clients only). ``local_method``: the local boot's loader;
+    default the PXE method's, grub for ipxe (which boots no partition)."""
     if firmware not in FIRMWARE_CHOICES:
         raise UsageError(f"--firmware: bios, uefi or mixed, not {firmware!r}")
     if pxe_method is None:
         pxe_method = "pxelinux" if firmware == "bios" else "grub"
-    if pxe_method not in ("pxelinux", "grub", "ipxe"):
-        raise UsageError(f"--pxe-method: pxelinux, grub or ipxe, not {pxe_method!r}")
-    if pxe_method == "pxelinux" and firmware != "bios":
-        raise UsageError("--pxe-method pxelinux boots BIOS machines only: use grub or ipxe "
+    if local_method is None:
+        local_method = "grub" if pxe_method == "ipxe" else pxe_method
+    if pxe_method not in ("pxelinux", "grub", "ipxe") or \
+            local_method not in ("pxelinux", "grub", "ipxe"):
+        raise UsageError(f"--pxe-method, --local-method: pxelinux, grub or ipxe, not "
+                         f"{pxe_method!r}, {local_method!r}")
+    if "pxelinux" in (pxe_method, local_method) and firmware != "bios":
+        raise UsageError("PXELINUX boots BIOS machines only: use grub or ipxe "
                          "with --firmware uefi or mixed")
     if memory < MIN_MEMORY:
         raise UsageError(f"--vm-memory: at least {MIN_MEMORY} MB (the deployment "
@@ -58,7 +63,7 @@ def settings(size, firmware="bios", memory=512, nic="virtio", disk_bus="virtio",
     firmwares = [firmware if firmware != "mixed" else ("bios", "uefi")[i % 2]
                  for i in range(size)]
     return {"firmwares": firmwares, "memory": memory, "nic": nic, "disk_bus": disk_bus,
-            "disk_format": disk_format, "pxe_method": pxe_method}
+            "disk_format": disk_format, "pxe_method": pxe_method, "local_method": local_method}
 
 
 def check_system(vm_settings):
@@ -117,11 +122,11 @@ def _adapt_cluster(lay, settings_):
     path = lay.config_dir / "cluster-local.yml"
     data = yaml.safe_load(path.read_text(encoding="utf-8"))
     method = settings_["pxe_method"]
-    local = "grub" if method == "ipxe" else method      # iPXE boots no partition
+    local = settings_.get("local_method") or ("grub" if method == "ipxe" else method)
     data["pxe"] = {"method": method, "local_method": local, "naming": "ip_hex",
                    "headers": {"grub": GRUB_HEADER, "pxelinux": PXELINUX_HEADER}}
-    data["partitioning"] = {
-        "block_device": block_device(settings_), "label": "gpt",
+    data["partitioning"] = {   # iPXE boots the MBR's code: GRUB goes there on a dos table
+        "block_device": block_device(settings_), "label": "dos" if local == "ipxe" else "gpt",
         "partitions": {"esp": 1, "swap": 2, "deploy": 3, "tmp": 4},
         "sizes": {"esp": "64MiB", "swap": "128MiB", "deploy": "1536MiB", "tmp": "rest"},
         "script": "scripts/partition.sh", "disable_swap": False}
