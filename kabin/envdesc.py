@@ -15,6 +15,7 @@ from urllib.parse import urlparse
 import yaml
 
 from .errors import UsageError
+from .schema import Section
 
 KINDS = ("tar", "dd", "fsa")
 COMPRESSIONS = ("gzip", "bzip2", "xz", "zstd")
@@ -41,45 +42,9 @@ class InvalidDescription(UsageError):
         self.source, self.field = source, field
 
 
-class _Fields:
-    """One mapping of a description; reports unknown fields before anything else."""
-
-    def __init__(self, data, source, prefix, known):
-        self.source, self.prefix = source, prefix
-        if not isinstance(data, dict):
-            raise InvalidDescription(source, prefix or None, "expected a mapping")
-        for key in data:
-            if key not in known:
-                raise InvalidDescription(source, self.key(key),
-                                         f"unknown field (known: {', '.join(known)})")
-        self.data = data
-
-    def key(self, name):
-        return f"{self.prefix}.{name}" if self.prefix else str(name)
-
-    def error(self, name, message):
-        return InvalidDescription(self.source, self.key(name), message)
-
-    def has(self, name):
-        return self.data.get(name) is not None
-
-    def get(self, name, kind, required=False, choices=None, default=None):
-        value = self.data.get(name)
-        if value is None:
-            if required:
-                raise self.error(name, f"is required ({_describe(kind)})")
-            return default
-        if not isinstance(value, kind) or (kind is int and isinstance(value, bool)):
-            raise self.error(name, f"expected {_describe(kind)}, got {value!r}")
-        if choices is not None and value not in choices:
-            raise self.error(name, f"expected one of {', '.join(map(str, choices))}, "
-                                   f"got {value!r}")
-        return value
-
-
-def _describe(kind):
-    return {str: "a string", int: "an integer", bool: "true or false", list: "a list",
-            dict: "a mapping"}.get(kind, getattr(kind, "__name__", str(kind)))
+def _invalid(message, source, field):
+    """The error a schema.Section raises for a description."""
+    return InvalidDescription(source, field, message)
 
 
 def parse_text(text, source, base_dir=None):
@@ -108,8 +73,8 @@ def load_file(path):
 
 def normalize(data, source, base_dir=None):
     """The validated description with defaults filled in, fields in Kadeploy3's order."""
-    top = _Fields(data, source, "", FIELD_ORDER)
-    name = top.get("name", str, required=True)
+    top = Section(data, source, "", FIELD_ORDER, _invalid)
+    name = top.get("name", str)
     if not NAME_PATTERN.match(name):
         raise top.error("name", f"invalid name {name!r}: use letters, digits and . _ + - "
                                 "(starting with a letter or digit)")
@@ -119,21 +84,22 @@ def normalize(data, source, base_dir=None):
     desc = {"name": name, "version": version}
     for key in ("description", "author"):
         if top.has(key):
-            desc[key] = top.get(key, str)
+            desc[key] = top.get(key, str, None)
     desc["visibility"] = top.get("visibility", str, choices=VISIBILITIES, default="private")
     desc["destructive"] = top.get("destructive", bool, default=False)
     desc["os"] = top.get("os", str, choices=OS_KINDS, default="linux")
     desc["image"] = _image(top, base_dir)
     if top.has("preinstall"):
-        desc["preinstall"] = _archive(top.get("preinstall", dict), source, "preinstall", base_dir)
+        desc["preinstall"] = _archive(top.get("preinstall", dict, None), source, "preinstall",
+                                      base_dir)
     if top.has("postinstalls"):
         desc["postinstalls"] = [_archive(item, source, f"postinstalls[{i}]", base_dir)
-                                for i, item in enumerate(top.get("postinstalls", list))]
+                                for i, item in enumerate(top.get("postinstalls", list, None))]
     boot = _boot(top)
     if boot:
         desc["boot"] = boot
     if top.has("filesystem"):
-        desc["filesystem"] = top.get("filesystem", str)
+        desc["filesystem"] = top.get("filesystem", str, None)
     if top.has("partition_type"):
         desc["partition_type"] = _partition_type(top)
     desc["multipart"] = top.get("multipart", bool, default=False)
@@ -144,33 +110,33 @@ def normalize(data, source, base_dir=None):
 
 
 def _image(top, base_dir):
-    sec = _Fields(top.get("image", dict, required=True), top.source, "image",
-                  ("file", "kind", "compression"))
-    kind = sec.get("kind", str, required=True, choices=KINDS)
+    sec = Section(top.get("image", dict), top.file, "image.", ("file", "kind", "compression"),
+                  _invalid)
+    kind = sec.get("kind", str, choices=KINDS)
     if kind == "fsa":
-        compression = sec.get("compression", int, required=True, choices=FSA_LEVELS)
+        compression = sec.get("compression", int, choices=FSA_LEVELS)
     else:
-        compression = sec.get("compression", str, required=True, choices=COMPRESSIONS)
+        compression = sec.get("compression", str, choices=COMPRESSIONS)
     return {"file": _location(sec, "file", base_dir), "kind": kind, "compression": compression}
 
 
 def _archive(data, source, prefix, base_dir):
-    sec = _Fields(data, source, prefix, ("archive", "compression", "script"))
+    sec = Section(data, source, f"{prefix}.", ("archive", "compression", "script"), _invalid)
     archive = {"archive": _location(sec, "archive", base_dir),
-               "compression": sec.get("compression", str, required=True, choices=COMPRESSIONS)}
+               "compression": sec.get("compression", str, choices=COMPRESSIONS)}
     if sec.has("script"):
-        archive["script"] = sec.get("script", str)
+        archive["script"] = sec.get("script", str, None)
     return archive
 
 
 def _boot(top):
     if not top.has("boot"):
         return {}
-    sec = _Fields(top.get("boot", dict), top.source, "boot", BOOT_FIELDS)
+    sec = Section(top.get("boot", dict, None), top.file, "boot.", BOOT_FIELDS, _invalid)
     boot = {}
     for key in BOOT_FIELDS:
         if sec.has(key):
-            boot[key] = sec.get(key, int if key == "partition" else str)
+            boot[key] = sec.get(key, int if key == "partition" else str, None)
     return boot
 
 
@@ -192,18 +158,17 @@ def _partition_type(top):
 
 
 def _options(top):
-    sec = _Fields(top.get("options", dict), top.source, "options", ("partitions",))
+    sec = Section(top.get("options", dict, None), top.file, "options.", ("partitions",), _invalid)
     partitions = []
     for i, item in enumerate(sec.get("partitions", list, default=[])):
-        part = _Fields(item, top.source, f"options.partitions[{i}]", ("id", "device"))
-        partitions.append({"id": part.get("id", int, required=True),
-                           "device": part.get("device", str, required=True)})
+        part = Section(item, top.file, f"options.partitions[{i}].", ("id", "device"), _invalid)
+        partitions.append({"id": part.get("id", int), "device": part.get("device", str)})
     return {"partitions": partitions}
 
 
 def _location(sec, name, base_dir):
     """A local path (made absolute), an http(s) URL, or Kadeploy3's server:// or local://."""
-    value = sec.get(name, str, required=True)
+    value = sec.get(name, str)
     scheme = urlparse(value).scheme
     if scheme in ("http", "https"):
         return value

@@ -57,11 +57,5 @@ class SystemRequirementError(KabinError):
     exit_code = EXIT_CONFIG
 
 
-class NotImplementedYet(KabinError):
-    """A command whose issue has not landed yet says so plainly."""
-
-    exit_code = EXIT_CONFIG
-
-
 class Interrupted(KabinError):
     exit_code = EXIT_INTERRUPTED

@@ -1,6 +1,6 @@
 """Parallel execution on the nodes: a command, a local script, file sends.
 
-``execute(config, items, job)`` runs ``job`` on every OK record of ``items``
+``run(config, items, options)`` runs ``options`` on every OK record of ``items``
 over SSH (one paramiko connection per node, reused by the sends and the
 command), at most ``fanout`` nodes at once, and yields each node's record as
 soon as it is known. KO records pass through unchanged at once.
@@ -8,10 +8,10 @@ soon as it is known. KO records pass through unchanged at once.
 A record gets ``rc``, ``stdout``, ``stderr`` and ``time``; a non-zero rc, a
 timeout or an unreachable node makes it KO with the reason.
 
-``--env`` exports Kadeploy's variables (see ``kadeploy_env``): from the
-configuration (cluster, block device, partitions, directories) and from the
-record when an earlier step set them (``env``, ``block_device``,
-``deploy_partition``).
+``--kadeploy-env`` exports Kadeploy's variables (see ``kadeploy_env``): from
+the configuration (cluster, block device, partitions, directories), from the
+options (``--env``, ``--block-device``, ``--partition``) and from the record
+when an earlier step set them (``env``, ``block_device``, ``deploy_partition``).
 """
 
 import functools
@@ -31,6 +31,7 @@ from .ssh import SshError, SshPool
 log = logging.getLogger(__name__)
 
 STEP = "exec"
+RUNNING = ("deploy", "system")   # what the nodes run: the known-hosts file of SSH
 DEFAULT_TIMEOUT = 300.0
 COMMAND_FIELDS = ("rc", "stdout", "stderr")
 # where pre/post-install archives are unpacked on the node (Kadeploy's "rambin"), under tmp_dir
@@ -65,15 +66,33 @@ class Send:
 
 
 @dataclass(frozen=True)
-class Job:
-    """What to do on each node: sends first, then a command or a script."""
+class Options:
+    """What ka-exec does on each node (sends first, then a command or a script), and how.
+
+    ``to_argv()`` is the equivalent command line. ``script`` is the script's
+    content; ``script_file`` the local file it came from (what ``--script``
+    names). ``kadeploy_env`` exports the KADEPLOY_* variables; ``env`` (a name,
+    ``NAME@VERSION``, or a description mapping) is the environment they
+    describe (default: the record's ``env``), ``owner`` its owner; ``block_device`` and ``partition``
+    override the cluster's. ``running``: what the nodes run now (deploy or
+    system), which picks the known-hosts file.
+    """
 
     command: str | None = None
     script: bytes | None = None
+    script_file: str | None = None
     script_args: tuple = ()
     sends: tuple = ()
+    stdin: bytes | None = None          # library only: data for the command's stdin
     timeout: float = DEFAULT_TIMEOUT
-    export_env: bool = False
+    kadeploy_env: bool = False
+    env: object = None
+    owner: str | None = None
+    block_device: str | None = None
+    partition: int | None = None
+    running: str = "deploy"
+    fanout: int | None = None
+    step: str = STEP
 
     def __post_init__(self):
         if self.command is not None and self.script is not None:
@@ -82,6 +101,18 @@ class Job:
             raise UsageError("nothing to do: give a command (-- CMD), --script FILE or --send")
         if self.timeout <= 0:
             raise UsageError("the timeout must be positive")
+        if self.running not in RUNNING:
+            raise UsageError(f"--running: one of {', '.join(RUNNING)}, not {self.running!r}")
+
+    @classmethod
+    def for_script(cls, path, **fields):
+        """Options running the local file ``path`` (read now: a clear error if it cannot be)."""
+        try:
+            with open(path, "rb") as handle:
+                data = handle.read()
+        except OSError as exc:
+            raise UsageError(f"cannot read {path}: {exc.strerror}") from None
+        return cls(script=data, script_file=str(path), **fields)
 
     def remote_command(self, tmp_dir):
         """The command line run on the node (None for sends only)."""
@@ -94,6 +125,44 @@ class Job:
         return (f'f=$(mktemp {template}) && cat > "$f" && chmod 700 "$f" && '
                 f'{{ "$f" {args} < /dev/null; rc=$?; rm -f "$f"; exit $rc; }}')
 
+    def to_argv(self):
+        """The ka-exec command line doing the same."""
+        if self.script is not None and self.script_file is None or self.stdin is not None:
+            raise UsageError("data given as bytes (a script, stdin) has no command line")
+        argv = ["ka-exec"] + step_argv(self.step, STEP)
+        argv += [f"--send={s.source}:{s.dest}" for s in self.sends]
+        if self.kadeploy_env:
+            argv.append("--kadeploy-env")
+        if self.env is not None:
+            argv.append(f"--env={_env_name(self.env)}")
+        if self.owner:
+            argv.append(f"--owner={self.owner}")
+        if self.block_device:
+            argv.append(f"--block-device={self.block_device}")
+        if self.partition:
+            argv.append(f"--partition={self.partition}")
+        if self.running != "deploy":
+            argv.append(f"--running={self.running}")
+        if self.fanout:
+            argv.append(f"--fanout={self.fanout}")
+        if self.timeout != DEFAULT_TIMEOUT:
+            argv.append(f"--timeout={self.timeout:g}")
+        if self.script is not None:
+            return argv + [f"--script={self.script_file}", "--", *self.script_args]
+        return argv + (["--", self.command] if self.command is not None else [])
+
+
+def step_argv(step, default):
+    """``--step NAME`` when the step is not the command's own name."""
+    return [] if step == default else [f"--step={step}"]
+
+
+def _env_name(env):
+    if isinstance(env, dict):
+        name, version = env.get("name"), env.get("version")
+        return f"{name}@{version}" if version else str(name)
+    return str(env)
+
 
 # ---------------------------------------------------------------- KADEPLOY_* variables
 
@@ -104,17 +173,19 @@ def _env_description(config, record):
     if isinstance(env, dict):
         return env.get("name"), env
     if isinstance(env, str):
-        return env.split("@", 1)[0], _library_description(str(config.dir), env)
+        return env.split("@", 1)[0], _library_description(str(config.dir), env,
+                                                          record.get("env_owner"))
     return None, {}
 
 
 @functools.lru_cache(maxsize=16)
-def _library_description(config_dir, spec):
+def _library_description(config_dir, spec, owner=None):
     from . import config as config_mod
     from . import db, envs
     try:
         with db.open_database(config_mod.load(config_dir)) as database:
-            return dict(envs.resolve(database, spec, envs.current_user()).description)
+            return dict(envs.resolve(database, spec, envs.current_user(),
+                                     owner=owner).description)
     except KabinError as exc:
         log.warning("environment %s: %s (its KADEPLOY_ENV_* are not set)", spec, exc)
         return {}
@@ -183,40 +254,65 @@ def _fresh(record):
     return {k: v for k, v in record.items() if k not in COMMAND_FIELDS}
 
 
-def run_on_node(pool, config, record, job):
-    """Do ``job`` on the record's node; return its OK or KO record."""
-    node, start = record["node"], time.monotonic()
-    deadline = Deadline(job.timeout)
+def run_on_node(pool, config, record, options):
+    """Do ``options``' work on the record's node; return its OK or KO record."""
+    node, start, step = record["node"], time.monotonic(), options.step
+    deadline = Deadline(options.timeout)
     record = _fresh(record)
-    env = kadeploy_env(config, record) if job.export_env else None
+    env = kadeploy_env(config, _described(record, options)) if options.kadeploy_env else None
     try:
-        for send in job.sends:
+        for send in options.sends:
             result = pool.send(node, send.source, send.dest, send.mode, deadline.remaining())
             if not result.ok:
-                return records.ko(record, STEP, f"cannot send {send.source} to {send.dest}: "
-                                  f"{result.error()}", time.monotonic() - start)
-        command = job.remote_command(config.server.tmp_dir)
+                return records.ko(record, step, _named(step, f"cannot send {send.source} to "
+                                                            f"{send.dest}: {result.error()}"),
+                                  time.monotonic() - start)
+        command = options.remote_command(config.server.tmp_dir)
         if command is None:
-            return records.ok(record, STEP, time.monotonic() - start)
+            return records.ok(record, step, time.monotonic() - start)
         result = pool.run(node, command, max(deadline.remaining(), 0.001),
-                          stdin=job.script, env=env)
+                          stdin=options.script if options.script is not None else options.stdin,
+                          env=env)
     except SshError as exc:
-        return records.ko(record, STEP, str(exc), time.monotonic() - start)
+        return records.ko(record, step, str(exc), time.monotonic() - start)
     fields = {"rc": result.rc, "stdout": result.stdout, "stderr": result.stderr}
     elapsed = time.monotonic() - start
     if result.ok:
-        return records.ok(record, STEP, elapsed, **fields)
-    return records.ko(record, STEP, result.error(), elapsed, **fields)
+        return records.ok(record, step, elapsed, **fields)
+    return records.ko(record, step, _named(step, result.error()), elapsed, **fields)
 
 
-def execute(config, items, job, fanout=None, target="deploy", stop=None):
-    """Run ``job`` on the OK records of ``items``; yield records in completion order."""
-    executor = Executor(fanout or config.server.fanout, stop)
-    pool = SshPool(config, target, executor.stop)
+def _described(record, options):
+    """The record with the environment and target the options name, for kadeploy_env."""
+    extra = {"env": options.env} if options.env is not None else {}
+    if options.owner:
+        extra["env_owner"] = options.owner
+    if options.block_device:
+        extra["block_device"] = options.block_device
+    if options.partition:
+        extra["deploy_partition"] = options.partition
+    return dict(record, **extra)
+
+
+def _named(step, error):
+    """A failure's reason, prefixed by the step's name when it is not ka-exec's own."""
+    return error if step == STEP else f"{step}: {error}"
+
+
+def run(config, items, options, stop=None, pool=None):
+    """Run ``options``' work on the OK records of ``items``; yield records in completion order.
+
+    ``pool``: an SshPool to reuse (kadeploy's, whose connections outlive one step).
+    """
+    executor = Executor(options.fanout or config.server.fanout, stop)
+    own = pool is None
+    pool = SshPool(config, options.running, executor.stop) if own else pool
     try:
-        yield from executor.map_records(items, lambda r: run_on_node(pool, config, r, job), STEP)
+        yield from executor.map_records(items, lambda r: run_on_node(pool, config, r, options),
+                                        options.step)
     finally:
-        pool.close()
+        if own:
+            pool.close()
 
 
 # ---------------------------------------------------------------- the gathered view

@@ -115,6 +115,40 @@ class Executor:
             raise feed_error[0]
 
 
+    def map(self, fn, items, timeout):
+        """``fn(item)`` for every item, ``fanout`` at once; the results in input order.
+
+        The first error raised by ``fn`` is raised once every item is done; a
+        TimeoutError if they are not all done within ``timeout`` seconds.
+        """
+        items = list(items)
+        results, errors = [None] * len(items), []
+        finished = threading.Condition()
+        done = [0]
+
+        def call(index):
+            return index, fn(items[index])
+
+        def on_done(value, exc):
+            with finished:
+                if exc is not None:
+                    errors.append(exc)
+                else:
+                    results[value[0]] = value[1]
+                done[0] += 1
+                finished.notify_all()
+
+        for index in range(len(items)):
+            self.submit(call, index, on_done=on_done)
+        with finished:
+            if not finished.wait_for(lambda: done[0] == len(items), timeout=timeout):
+                raise TimeoutError(f"{len(items) - done[0]} of {len(items)} steps not done "
+                                   f"in {timeout} s")
+        if errors:
+            raise errors[0]
+        return results
+
+
 def _failed(record, step, exc):
     """Turn an exception raised by per-node work into that node's KO record."""
     if isinstance(exc, KabinError):

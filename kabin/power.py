@@ -508,3 +508,20 @@ def run_power(config, names, action=None, operation=None, timeout=RUN_TIMEOUT, f
 def power_status(config, names, timeout=RUN_TIMEOUT, fanout=None, stop=None, **options):
     """The power state of ``names`` through their ``power_status`` level (IPMI by default)."""
     return run_power(config, names, "status", "power_status", timeout, fanout, stop, **options)
+
+
+# ---------------------------------------------------------------- as a job
+
+def run(config, items, options, stop=None):
+    """``ka-reboot power on|off|status`` as a library call: ``options`` is a ``power.Options``
+    (``reboot.Options`` whose operation is power_on, power_off or power_status: see
+    ``reboot.power_options``)."""
+    from . import reboot
+    return reboot.run(config, items, options, stop)
+
+
+def __getattr__(name):
+    if name == "Options":  # reboot imports this module: its Options is found when asked for
+        from .reboot import Options
+        return Options
+    raise AttributeError(name)

@@ -251,7 +251,11 @@ class _OutOfTime(LevelFailed):
 
 @dataclass
 class Options:
-    """How ``Rebooter`` works; a field left None takes its value from the configuration."""
+    """How ``Rebooter`` works; a field left None takes its value from the configuration.
+
+    ``operation``: reboot, power_on, power_off or power_status. ``to_argv()`` is
+    the equivalent ka-reboot command line.
+    """
 
     operation: str = "reboot"
     levels: tuple | None = None          # level names (None: all configured)
@@ -260,8 +264,44 @@ class Options:
     boot_timeout: float | None = None     # per level (default: the cluster's timeouts)
     deadline: float | None = None         # per node (default: the sum of its levels' budgets)
     command_timeout: float = COMMAND_TIMEOUT
-    ssh_target: str = "system"            # known-hosts file of the SSH levels
+    running: str = "system"               # what the nodes run: the SSH levels' known hosts
     fanout: int | None = None             # nodes in flight (default: IN_FLIGHT)
+    step: str | None = None               # the records' step (default: reboot or power)
+
+    @property
+    def step_name(self):
+        return self.step or self.default_step
+
+    @property
+    def default_step(self):
+        return STEP if self.operation == "reboot" else POWER_STEP
+
+    def to_argv(self):
+        """The ka-reboot command line doing the same."""
+        if self.operation == "reboot":
+            argv = ["ka-reboot"]
+        else:
+            argv = ["ka-reboot", "power", self.operation.split("_", 1)[1]]
+        if self.step and self.step != self.default_step:
+            argv.append(f"--step={self.step}")
+        if self.levels:
+            argv.append(f"--level={','.join(self.levels)}")
+        if self.kexec:
+            argv.append(f"--kexec={self.kexec.kernel}")
+            argv += [f"--initrd={self.kexec.initrd}"] if self.kexec.initrd else []
+            argv += [f"--append={self.kexec.append}"] if self.kexec.append is not None else []
+        if self.operation in ("reboot", "power_on"):
+            argv.append(f"--wait={self.wait}")
+        for flag, value in (("--timeout", self.boot_timeout), ("--deadline", self.deadline)):
+            if value is not None:
+                argv.append(f"{flag}={value:g}")
+        if self.command_timeout != COMMAND_TIMEOUT:
+            argv.append(f"--command-timeout={self.command_timeout:g}")
+        if self.running != ("deploy" if self.kexec else "system"):
+            argv.append(f"--running={self.running}")
+        if self.fanout:
+            argv.append(f"--fanout={self.fanout}")
+        return argv
 
 
 class Rebooter:
@@ -276,10 +316,10 @@ class Rebooter:
         window = config.server.reboot_window
         self.window = Window(window.size, window.sleep_time, self.stop)
         self.check = BootCheck(config, self.options.wait, self.stop)
-        self.pool = SshPool(config, self.options.ssh_target, self.stop)
+        self.pool = SshPool(config, self.options.running, self.stop)
         self.power = power_mod.Power(config, command_timeout=self.options.command_timeout,
                                      stop=self.stop)
-        self.step = STEP if self.options.operation == "reboot" else POWER_STEP
+        self.step = self.options.step_name
         self._lock = threading.Lock()
         self._seen = 0
 
@@ -435,36 +475,36 @@ def _bounded(deadline, seconds):
 
 # ---------------------------------------------------------------- entry points
 
-def reboot(config, items, options=None, stop=None):
-    """Reboot the OK records' nodes (see ``Options``); yield records in completion order."""
-    return Rebooter(config, options or Options(), stop).run(items)
-
-
-def power(config, items, action, options=None, stop=None):
-    """``on`` / ``off`` through the escalation levels, ``status`` through the BMC (or template)."""
-    if action == "status":
-        return power_status(config, items, options, stop)
-    if action not in ("on", "off"):
-        raise UsageError(f"unknown power action {action!r}: use on, off or status")
-    options = dataclasses.replace(options or Options(wait="none"), operation=f"power_{action}")
+def run(config, items, options=None, stop=None):
+    """Do ``options.operation`` on the OK records' nodes; yield records in completion order."""
+    options = options or Options()
+    if options.operation == "power_status":
+        return _power_status(config, items, options, stop)
     return Rebooter(config, options, stop).run(items)
 
 
-def power_status(config, items, options=None, stop=None):
+def power_options(action, options=None):
+    """``options`` for ``power on|off|status`` (on/off wait for nothing unless told)."""
+    if action not in ("on", "off", "status"):
+        raise UsageError(f"unknown power action {action!r}: use on, off or status")
+    return dataclasses.replace(options or Options(wait="none"), operation=f"power_{action}")
+
+
+def _power_status(config, items, options, stop):
     """Read each node's power state: field ``power`` = on | off.
 
     Each node has ``options.deadline`` (default: ``command_timeout``) for it,
     BMC retries included.
     """
-    options = options or Options()
     executor = Executor(options.fanout or config.server.fanout, stop)
     pw = power_mod.Power(config, command_timeout=options.command_timeout, stop=executor.stop)
+    step = options.step_name
 
     def work(record):
         deadline = Deadline(options.deadline or options.command_timeout)
         result = pw.result(record["node"], "status", "power_status", deadline)
-        return result.record(record, POWER_STEP)
+        return result.record(record, step)
     try:
-        yield from executor.map_records(items, work, POWER_STEP)
+        yield from executor.map_records(items, work, step)
     finally:
         pw.close()

@@ -169,22 +169,35 @@ def write_node_list(path, names):
 
 
 class RecordWriter:
-    """Writes records as JSON lines (flushed per record) or, at the end, as a table."""
+    """Writes records as JSON lines or CSV rows (flushed per record) or, at the end, as a
+    table."""
 
     def __init__(self, stream=None, fmt="json", ok_file=None, ko_file=None, columns=()):
         self.stream = sys.stdout if stream is None else stream
         self.fmt = fmt
         self.ok_file, self.ko_file = ok_file, ko_file
         self.columns = BASE_COLUMNS + tuple(c for c in columns if c not in BASE_COLUMNS)
-        self.ok_nodes, self.ko_nodes, self._rows = [], [], []
+        self.ok_nodes, self.ko_nodes, self._rows, self._csv = [], [], [], None
 
     def write(self, record):
         (self.ok_nodes if is_ok(record) else self.ko_nodes).append(record["node"])
         if self.fmt == "json":
             self.stream.write(dumps(record) + "\n")
             self.stream.flush()
+        elif self.fmt == "csv":
+            self._write_csv(record)
         else:
             self._rows.append(record)
+
+    def _write_csv(self, record):
+        """One row per record as it comes, the command's columns (a header first)."""
+        import csv
+
+        if self._csv is None:
+            self._csv = csv.writer(self.stream, lineterminator="\n")
+            self._csv.writerow(self.columns)
+        self._csv.writerow([_csv_cell(record.get(c)) for c in self.columns])
+        self.stream.flush()
 
     def write_all(self, records):
         for record in records:
@@ -213,6 +226,12 @@ def _cell(value):
     if value is None:
         return ""
     return value if isinstance(value, (int, float)) else json.dumps(value)
+
+
+def _csv_cell(value):
+    if value is None:
+        return ""
+    return value if isinstance(value, (str, int, float)) else json.dumps(value)
 
 
 def format_table(rows, columns=BASE_COLUMNS):

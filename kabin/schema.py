@@ -1,7 +1,10 @@
 """A strict reader of YAML mappings: typed values, one clear error per bad key.
 
 Every key read is recorded, so ``done()`` can report the keys nobody asked for
-(a typo in a configuration file is an error, never silently ignored).
+(a typo in a configuration file is an error, never silently ignored); a section
+given its ``known`` keys reports an unknown one at once, naming the known ones.
+The configuration and the environment descriptions both read with it; each
+gives its own ``error(message, file, key)`` (ConfigError, InvalidDescription).
 """
 
 from .errors import ConfigError
@@ -10,19 +13,25 @@ from .errors import ConfigError
 class Section:
     """A mapping read from one file, tracking the keys used so unknown ones are reported."""
 
-    def __init__(self, data, file, prefix=""):
-        self.file, self.prefix = file, prefix
+    def __init__(self, data, file, prefix="", known=None, error=ConfigError):
+        self.file, self.prefix, self.make_error = file, prefix, error
         if data is None:
             data = {}
         if not isinstance(data, dict):
-            raise ConfigError("expected a mapping", file, prefix.rstrip(".") or None)
+            raise error("expected a mapping", file, prefix.rstrip(".") or None)
         self.data, self.used = data, set()
+        for name in data if known is not None else ():
+            if name not in known:
+                raise self.error(name, f"unknown field (known: {', '.join(known)})")
 
     def key(self, name):
         return f"{self.prefix}{name}"
 
     def error(self, name, message):
-        return ConfigError(message, self.file, self.key(name))
+        return self.make_error(message, self.file, self.key(name))
+
+    def has(self, name):
+        return self.data.get(name) is not None
 
     def get(self, name, kind, default=..., choices=None):
         self.used.add(name)
@@ -39,16 +48,18 @@ class Section:
             raise self.error(name, f"expected one of {', '.join(map(str, choices))}, got {value!r}")
         return value
 
-    def section(self, name, required=False):
+    def section(self, name, required=False, known=None):
         self.used.add(name)
         if required and name not in self.data:
             raise self.error(name, "is required (a mapping)")
-        return Section(self.data.get(name), self.file, self.key(name) + ".")
+        return Section(self.data.get(name), self.file, self.key(name) + ".", known,
+                       self.make_error)
 
-    def items(self, name, required=False):
+    def items(self, name, required=False, known=None):
         """Sub-sections of a list of mappings."""
         value = self.get(name, list, ... if required else [])
-        return [Section(v, self.file, f"{self.key(name)}[{i}].") for i, v in enumerate(value)]
+        return [Section(v, self.file, f"{self.key(name)}[{i}].", known, self.make_error)
+                for i, v in enumerate(value)]
 
     def done(self):
         for name in self.data:

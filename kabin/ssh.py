@@ -265,7 +265,7 @@ class HostKeyStore:
             if known is not None and key.get_name() in known:
                 if known[key.get_name()] != key:
                     raise SshError(f"host key of {name} changed (remove it from {self.path}, "
-                                   "or use the other --target)")
+                                   "or use the other --running)")
                 return
             self._keys.add(name, key.get_name(), key)
             self._dirty = True

@@ -33,9 +33,11 @@ import os
 import socket
 import time
 import uuid
+from dataclasses import dataclass
 from datetime import datetime
 
 from .errors import UsageError
+from .records import is_ok
 
 OPERATIONS = ("deploy", "reboot", "power")
 # operation -> (in progress, succeeded, failed)
@@ -101,7 +103,7 @@ def run_of(record, defaults=None, now=None):
     start = _number(record, "start")
     if start is None:
         start = (now or time.time()) - (duration or 0)
-    success = record.get("status", "ok") == "ok"
+    success = is_ok(record)
     return {"deployment": _text(record, "deployment") or defaults.get("deployment"),
             "node": node, "operation": operation,
             "user": _text(record, "user") or defaults.get("user"),
@@ -109,6 +111,45 @@ def run_of(record, defaults=None, now=None):
             "start": start, "duration": duration, "success": success,
             "error": None if success else str(record.get("error") or "failed"),
             "record": record, "steps": steps}
+
+
+@dataclass(frozen=True)
+class Options:
+    """``ka-stats record``: what records that lack them get (``to_argv()`` renders it)."""
+
+    deployment: str | None = None
+    operation: str = "deploy"
+    env: str | None = None
+
+    def to_argv(self):
+        argv = ["ka-stats", "record"]
+        argv += [f"--deployment={self.deployment}"] if self.deployment else []
+        argv += [f"--operation={self.operation}"] if self.operation != "deploy" else []
+        return argv + ([f"--env={self.env}"] if self.env else [])
+
+
+def run(config, items, options=Options(), stop=None):
+    """Pass ``items`` on unchanged, then store them in the log (``store``); a consumer
+    that stops early (a closed pipe) still gets every record logged."""
+    received = []
+    try:
+        for item in items:
+            received.append(item)
+            yield item
+    except GeneratorExit:
+        received.extend(items)
+        _store(config, received, options)
+        raise
+    _store(config, received, options)
+
+
+def _store(config, received, options):
+    from . import db as db_mod
+
+    defaults = {"deployment": options.deployment, "operation": options.operation,
+                "env": options.env}
+    with db_mod.open_database(config) as database:
+        store(database, received, defaults)
 
 
 def store(db, records, defaults=None, now=None):
@@ -382,7 +423,7 @@ def _set_final(conn, runs, operation, deployment):
 
 def mark_final(db, records, operation, deployment, user=None, env=None):
     """Set deployed / deploy_failed (rebooted / ..., powered / ...) from final records."""
-    runs = [{"node": r["node"], "success": r.get("status", "ok") == "ok", "user": user,
+    runs = [{"node": r["node"], "success": is_ok(r), "user": user,
              "env": env} for r in records]
     with db.transaction() as conn:
         _set_final(conn, runs, operation, deployment)

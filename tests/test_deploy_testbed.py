@@ -27,6 +27,10 @@ def bed(testbed):
 def back_to_deploy_env(bed):
     """Each test starts from nodes in the deployment environment and leaves them so."""
     yield
+    reset(bed)
+
+
+def reset(bed):
     bed.clear()
     subprocess.run(["ka-pxe", "set", "deploy", "-m", "node-[1-8]", "--format", "json"],
                    env=bed.env, check=True, capture_output=True, timeout=60)
@@ -195,6 +199,39 @@ def test_printed_pipeline_gives_the_same_outcomes(bed):
     assert outcomes == {n: r["status"] for n, r in out.items()}
     for node in out:
         assert 'NAME="kabin-testenv"' in bed.ssh(node, "cat /etc/os-release").stdout
+
+
+SCENARIOS = {   # faults, kadeploy's options, what the script says on stderr
+    "replay": ({"node-1": "returns-on-boot=2", "node-2": "returns-on-boot=2"},
+               ["--force-steps", "SetDeploymentEnv|Untrusted:25:1"],
+               "SetDeploymentEnv-Untrusted: retry 1/1"),
+    "fallback": ({}, ["--force-steps", "BootNewEnv|Classical:1:0,HardReboot:90:0"],
+                 "BootNewEnv-HardReboot: 4 node(s)"),
+}
+
+
+@pytest.mark.parametrize("scenario", sorted(SCENARIOS))
+def test_the_printed_script_replays_and_falls_back_as_kadeploy(bed, tmp_path, scenario):
+    faults, args, said = SCENARIOS[scenario]
+    outcomes = []
+    for run in ("kadeploy", "script"):
+        for node, fault in faults.items():
+            bed.fault(node, fault)
+        if run == "kadeploy":
+            done, out = kadeploy(bed, "-e", "testenv-tzst", "-m", FOUR, *args)
+        else:
+            script = tmp_path / "deploy.sh"
+            script.write_text(subprocess.run(
+                ["kadeploy", "-e", "testenv-tzst", "-m", FOUR, *args, "--print-pipeline"],
+                env=bed.env, text=True, capture_output=True, check=True).stdout)
+            done = subprocess.run(["sh", str(script)], env=bed.env, text=True,
+                                  capture_output=True, timeout=600)
+            out = {r["node"]: r for r in map(json.loads, done.stdout.splitlines())}
+            assert said in done.stderr, done.stderr[-2000:]
+        outcomes.append((done.returncode, {n: r["status"] for n, r in out.items()}))
+        reset(bed)
+    assert outcomes[0] == outcomes[1] == (0, dict.fromkeys(out, "ok"))
+    assert sorted(out) == ["node-1", "node-2", "node-3", "node-4"]
 
 
 def test_anonymous_env_post_install_keys_no_kexec_no_bootloader(bed, tmp_path):

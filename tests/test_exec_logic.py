@@ -33,16 +33,16 @@ def test_send_parse(tmp_path):
 
 def test_job_needs_exactly_one_thing_to_do():
     with pytest.raises(UsageError, match="nothing to do"):
-        exec_mod.Job()
+        exec_mod.Options()
     with pytest.raises(UsageError, match="not both"):
-        exec_mod.Job(command="true", script=b"true")
+        exec_mod.Options(command="true", script=b"true")
     with pytest.raises(UsageError):
-        exec_mod.Job(command="true", timeout=0)
-    assert exec_mod.Job(command="uname -r").remote_command("/tmp") == "uname -r"
+        exec_mod.Options(command="true", timeout=0)
+    assert exec_mod.Options(command="uname -r").remote_command("/tmp") == "uname -r"
 
 
 def test_script_wrapper_runs_the_script_with_its_arguments_and_cleans_up(tmp_path):
-    job = exec_mod.Job(script=b"#!/bin/sh\necho \"$# [$1] [$2]\"\nexit 3\n",
+    job = exec_mod.Options(script=b"#!/bin/sh\necho \"$# [$1] [$2]\"\nexit 3\n",
                        script_args=("a b", "$(touch pwned)"))
     command = job.remote_command(str(tmp_path))
     done = subprocess.run(["sh", "-c", command], input=job.script, capture_output=True,

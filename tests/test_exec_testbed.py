@@ -110,7 +110,7 @@ def test_kadeploy_variables(up):
     env = {"name": "debian12", "version": 1, "os": "linux", "filesystem": "ext4",
            "partition_type": 131, "boot": {"kernel": "/vmlinuz", "initrd": "/initrd.img"}}
     stdin = json.dumps(dict(records.new("node-1"), env=env)) + "\nnode-2\n"
-    code, lines, err = ka_exec(up, "--env", "--format", "json", "--",
+    code, lines, err = ka_exec(up, "--kadeploy-env", "--format", "json", "--",
                                "env | grep ^KADEPLOY_ | sort", stdin=stdin)
     assert code == 0, err
     out = by_node(lines)
@@ -141,8 +141,8 @@ def test_gathered_view_and_node_lists(up, tmp_path):
 
 
 def test_library_call_streams_records(up):
-    job = exec_mod.Job(command="echo $KABIN_NODE", timeout=20)
-    out = list(exec_mod.execute(up.config, map(records.new, up.nodes), job, fanout=3))
+    options = exec_mod.Options(command="echo $KABIN_NODE", timeout=20, fanout=3)
+    out = list(exec_mod.run(up.config, map(records.new, up.nodes), options))
     assert sorted(r["stdout"] for r in out) == sorted(f"{n}\n" for n in up.nodes)
 
 

@@ -269,5 +269,5 @@ def test_template_values_cannot_inject(up, tmp_path):
 
 def test_library_passes_ko_records_through(up):
     ko = records.ko(records.new("node-4"), "pxe", "no profile")
-    out = list(reboot.reboot(up.config, [ko], reboot.Options(levels=("hard",))))
+    out = list(reboot.run(up.config, [ko], reboot.Options(levels=("hard",))))
     assert out == [ko]

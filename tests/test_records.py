@@ -129,3 +129,19 @@ def test_pass_ko_yields_ko_at_once_and_returns_the_ok_ones():
         yield ("batch", [r["node"] for r in batch])
 
     assert list(step([records.new("n1"), ko, records.new("n3")])) == [ko, ("batch", ["n1", "n3"])]
+
+
+def test_csv_rows_come_per_record_with_the_command_columns():
+    import csv
+    import io
+
+    out = io.StringIO()
+    writer = records.RecordWriter(out, "csv", columns=("rc", "stdout"))
+    writer.write(records.ok(records.new("n-1"), "exec", 0.5, rc=0, stdout="a, \"b\"\n"))
+    assert out.getvalue().startswith("node,status,step,time,error,rc,stdout\n")
+    writer.write(records.ko(records.new("n-2"), "exec", "down", 1.0))
+    writer.close()
+    rows = list(csv.DictReader(io.StringIO(out.getvalue())))
+    assert [(r["node"], r["status"], r["error"], r["stdout"]) for r in rows] == \
+        [("n-1", "ok", "", "a, \"b\"\n"), ("n-2", "ko", "down", "")]
+    assert not writer.all_ok

@@ -8,8 +8,8 @@ a SHA-256 of what it received against the source's, and a node that dies or
 stalls is routed around without stopping the others.
 
     from kabin import chaincast
-    image = chaincast.open_image("debian.tar.zst", kind="tar")
-    for record in chaincast.broadcast(records, image, config):
+    options = chaincast.Options(image="debian.tar.zst", kind="tar", method="auto")
+    for record in chaincast.run(config, records, options):
         ...
 
 Modules: ``agent`` (the relay), ``sender`` (the source), ``launch`` (starting
@@ -17,7 +17,9 @@ agents), ``order`` (topology order, layouts, method choice), ``topology``
 (repairs, stalled-node detection), ``broadcast`` (the coordinator), ``image``.
 """
 
-from .broadcast import STEP, Broadcast, Options
+from .. import records
+from ..errors import UsageError
+from .broadcast import STEP, Broadcast, Options, broadcast_timeout
 from .image import (
     COMPRESSIONS,
     KINDS,
@@ -37,36 +39,49 @@ __all__ = [
     "Broadcast",
     "Image",
     "Options",
-    "broadcast",
     "broadcast_timeout",
     "default_dest",
     "from_environment",
+    "image_of",
     "new_broadcast",
     "open_image",
     "pick_method",
+    "run",
 ]
 
 
-def broadcast(items, image, config, dest=None, store=False, options=None, stop=None,
-              observer=None, launcher=None):
-    """Broadcast ``image`` to the OK records of ``items``; yield every record once.
+def run(config, items, options, stop=None, observer=None, launcher=None):
+    """Broadcast ``options``' image to the OK records of ``items``; yield every record once.
 
-    ``dest``: where each node writes (default: ``default_dest``). ``store``:
-    write the image as it is into the file ``dest``. ``options`` default to
-    ``pick_method``'s choice and ``broadcast_timeout``. ``launcher`` defaults to
-    SSH to the deployment environments. ``observer(snapshot)``: see Broadcast.
+    ``launcher`` defaults to SSH to the deployment environments; ``observer(snapshot)``:
+    see Broadcast. With ``options.env`` the OK records name it (field ``env``: the next
+    steps' KADEPLOY_ENV_* come from it).
     """
-    items = list(items)
-    if options is None:
-        count = sum(1 for r in items if r.get("status", "ok") == "ok")
-        options = Options(method=pick_method(image.size, count),
-                          timeout=broadcast_timeout(image.size))
-    job = new_broadcast(image, config, dest, store, options, stop, observer, launcher)
+    image = image_of(config, options)
+    job = new_broadcast(image, config, options.dest, options.store, options, stop, observer,
+                        launcher)
     try:
-        yield from job.run(items)
+        for record in job.run(items):
+            if options.env and records.is_ok(record):
+                record = dict(record, env=record.get("env") or options.env)
+            yield record
     finally:
         if launcher is None:
             job.launcher.close()
+
+
+def image_of(config, options):
+    """The Image ``options`` name: the file ``image`` (``env`` then only names it, as when
+    kadeploy has resolved and checked it), else environment ``env``'s, checked."""
+    if not (options.env or options.image):
+        raise UsageError("give the image with --env NAME or --image IMAGE")
+    if options.store and not options.dest:
+        raise UsageError("--store needs --to FILE")
+    if not options.image:
+        return from_environment(config, options.env, options.owner, options.kind,
+                                options.compression)
+    return open_image(options.image, options.kind or "tar", options.compression or "auto",
+                      sha256=options.sha256)
 
 
 def new_broadcast(image, config, dest=None, store=False, options=None, stop=None,
@@ -84,8 +99,3 @@ def new_broadcast(image, config, dest=None, store=False, options=None, stop=None
         ports=config.server.chaincast_ports, options=options or Options(),
         switch_of=config.switch_of, uplink_of=lambda name: switches[name].uplink,
         store=store, stop=stop, observer=observer)
-
-
-def broadcast_timeout(size):
-    """A deadline for the whole broadcast: 5 minutes plus 1 s per MB (a 1 MB/s floor)."""
-    return 300.0 + size / (1 << 20)

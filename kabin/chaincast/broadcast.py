@@ -12,6 +12,7 @@ KO with the reason and taken out: its parent adopts its children, which resume
 from their own offsets. A node whose disk fails is KO but keeps relaying.
 """
 
+import dataclasses
 import logging
 import queue
 import secrets
@@ -36,18 +37,50 @@ MB = 1 << 20
 
 @dataclass(frozen=True)
 class Options:
-    method: str = "chain"            # chain | tree
+    """A broadcast: what is sent where (``ka-chaincast``'s options; ``to_argv()`` renders
+    them) and how the chain runs (the last five fields are library-only tuning)."""
+
+    env: str | None = None           # the environment whose image is sent (NAME[@VERSION])
+    owner: str | None = None         # its owner
+    image: str | None = None         # or this image file
+    kind: str | None = None          # tar | dd (default: the environment's, else tar)
+    compression: str | None = None   # default: the environment's, else read from the file
+    sha256: str | None = None        # the image file's, when known (checked on the way)
+    dest: str | None = None          # where each node writes (default: image.default_dest)
+    store: bool = False              # write the image as it is into the file ``dest``
+    method: str = "chain"            # chain | tree | auto (order.pick_method)
     fanout: int = order.TREE_FANOUT  # children per node with the tree method
     order: str = "topology"          # topology | name | input
     stall_timeout: float = 30.0      # seconds without progress before a node is declared stalled
-    timeout: float = 3600.0          # the whole broadcast
-    start_timeout: float = 60.0      # starting every agent
-    ring: int = 16 * MB              # bytes each relay keeps for repairs (its memory bound)
-    interval: float = 1.0            # seconds between two state reports of an agent
+    timeout: float | None = None     # the whole broadcast (default: broadcast_timeout)
     max_rate: float | None = None    # bytes per second the source sends at most
+    ring: int = 16 * MB              # bytes each relay keeps for repairs (its memory bound)
+    verify: str = "written"          # written (read back from the disk) | stream (as received)
+    step: str = STEP
+    start_timeout: float = 60.0      # starting every agent
+    interval: float = 1.0            # seconds between two state reports of an agent
     start_fanout: int = 64           # agents started at once
     progress_every: float = 2.0      # seconds between two progress lines
-    verify: str = "written"          # written (read back from the disk) | stream (as received)
+
+    def to_argv(self):
+        """The ka-chaincast command line doing the same."""
+        default = Options()
+        argv = ["ka-chaincast"] + ([] if self.step == STEP else [f"--step={self.step}"])
+        argv += [f"--env={self.env}"] if self.env else [f"--image={self.image}"]
+        flags = (("--owner", "owner"), ("--kind", "kind"), ("--compression", "compression"),
+                 ("--to", "dest"), ("--order", "order"), ("--verify", "verify"))
+        argv += [f"{flag}={getattr(self, name)}" for flag, name in flags
+                 if getattr(self, name) != getattr(default, name)]
+        argv.append(f"--method={self.method}")   # the command's default is auto
+        argv += ["--store"] if self.store else []
+        if self.method == "tree" and self.fanout != default.fanout:
+            argv.append(f"--tree-fanout={self.fanout}")
+        for flag, name, unit in (("--stall-timeout", "stall_timeout", 1), ("--timeout", "timeout", 1),
+                                 ("--max-rate", "max_rate", MB), ("--ring-size", "ring", MB)):
+            value = getattr(self, name)
+            if value is not None and value != getattr(default, name):
+                argv.append(f"{flag}={value / unit:g}")
+        return argv
 
 
 @dataclass
@@ -75,6 +108,8 @@ class Broadcast:
 
     def __init__(self, image, launcher, address_of, dest_of, ports, options=Options(),
                  switch_of=None, uplink_of=None, store=False, stop=None, observer=None):
+        if options.timeout is None:
+            options = dataclasses.replace(options, timeout=broadcast_timeout(image.size))
         self.image, self.launcher, self.options = image, launcher, options
         self.address_of, self.dest_of, self.ports = address_of, dest_of, ports
         self.switch_of, self.uplink_of, self.store = switch_of, uplink_of, store
@@ -99,6 +134,9 @@ class Broadcast:
                 yield record
         if not wanted:
             return
+        if self.options.method == "auto":
+            self.options = dataclasses.replace(
+                self.options, method=order.pick_method(self.image.size, len(wanted)))
         self.started = time.monotonic()
         self.deadline = Deadline(self.options.timeout)
         self.digest = SourceDigest(self.image.path, self.halt, self.image.sha256)
@@ -353,6 +391,11 @@ class Broadcast:
                 node.handle.close()
         if self.source is not None:
             self.source.close()
+
+
+def broadcast_timeout(size):
+    """A deadline for the whole broadcast: 5 minutes plus 1 s per MB (a 1 MB/s floor)."""
+    return 300.0 + size / (1 << 20)
 
 
 def _ready(node):

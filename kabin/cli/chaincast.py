@@ -9,9 +9,8 @@ MB = 1 << 20
 
 
 @click.command(context_settings=common.CONTEXT)
-@click.option("-e", "--env", "env_spec", metavar="NAME[@VERSION]",
-              help="Broadcast the image of this environment (checked against its checksum).")
-@click.option("-u", "--owner", metavar="USER", help="The environment's owner.")
+@common.env_option("Broadcast the image of this environment (checked against its checksum).")
+@common.owner_option
 @click.option("-i", "--image", "image_file", metavar="IMAGE", type=click.Path(dir_okay=False),
               help="Broadcast this image file (-f/--file reads nodes, as in every command).")
 @click.option("--kind", type=click.Choice(["tar", "dd"]), default=None,
@@ -36,9 +35,7 @@ MB = 1 << 20
 @click.option("--stall-timeout", type=click.FloatRange(1), default=30.0, show_default=True,
               metavar="SECONDS", help="A node that takes no data for this long is KO and "
                                       "routed around.")
-@click.option("-t", "--timeout", type=click.FloatRange(0, min_open=True), default=None,
-              metavar="SECONDS", help="Deadline of the whole broadcast "
-                                      "(default: 300 s + 1 s per MB).")
+@common.timeout_option("Deadline of the whole broadcast (default: 300 s + 1 s per MB).")
 @click.option("--max-rate", type=click.FloatRange(0, min_open=True), default=None,
               metavar="MB/S", help="Cap the rate the source sends at (shared networks).")
 @click.option("--ring-size", type=click.IntRange(1), default=16, show_default=True,
@@ -47,10 +44,11 @@ MB = 1 << 20
               show_default=True, help="written: each node reads back from its disk what it "
                                       "wrote, and its digest must be the image's; stream: only "
                                       "what it received is checked.")
+@common.step_option
 @common.stream_options
 @common.command
 def cli(env_spec, owner, image_file, kind, compression, dest, store, method, tree_fanout, order,
-        stall_timeout, timeout, max_rate, ring_size, verify, **opts):
+        stall_timeout, timeout, max_rate, ring_size, verify, step, **opts):
     """Send one image to every OK node in about the time it takes to send it to one.
 
     The source streams the image to the first node, which writes it and
@@ -71,27 +69,29 @@ def cli(env_spec, owner, image_file, kind, compression, dest, store, method, tre
     """
     from .. import chaincast
 
+    options = options_of(env_spec, owner, image_file, kind, compression, dest, store, method,
+                         tree_fanout, order, stall_timeout, timeout, max_rate, ring_size, verify,
+                         step)
+    config = common.load_config(opts)
+    output = chaincast.run(config, common.read_input(opts), options)
+    return common.emit(opts, output, columns=("bytes", "sha256"))
+
+
+def options_of(env_spec, owner, image_file, kind, compression, dest, store, method, tree_fanout,
+               order, stall_timeout, timeout, max_rate, ring_size, verify, step):
+    """The chaincast.Options the command line says."""
+    from .. import chaincast
+
     if bool(env_spec) == bool(image_file):
         raise UsageError("give the image with exactly one of --env NAME or --image IMAGE")
     if store and not dest:
         raise UsageError("--store needs --to FILE")
-    config = common.load_config(opts)
-    if env_spec:
-        image = chaincast.from_environment(config, env_spec, owner, kind, compression)
-    else:
-        image = chaincast.open_image(image_file, kind or "tar", compression or "auto")
-    items = list(common.read_input(opts))
-    count = sum(1 for r in items if r.get("status", "ok") == "ok")
-    options = chaincast.Options(
-        method=chaincast.pick_method(image.size, count) if method == "auto" else method,
-        fanout=tree_fanout, order=order, stall_timeout=stall_timeout,
-        timeout=timeout or chaincast.broadcast_timeout(image.size),
-        ring=ring_size * MB, max_rate=max_rate * MB if max_rate else None, verify=verify)
-    output = chaincast.broadcast(items, image, config, dest=dest, store=store, options=options)
-    if env_spec:   # the next steps' KADEPLOY_ENV_* (ka-exec --env) come from it
-        output = (dict(r, env=r.get("env") or env_spec) if r.get("status") == "ok" else r
-                  for r in output)
-    return common.emit(opts, output, columns=("bytes", "sha256"))
+    return chaincast.Options(
+        env=env_spec, owner=owner, image=image_file, kind=kind, compression=compression,
+        dest=dest, store=store, method=method, fanout=tree_fanout, order=order,
+        stall_timeout=stall_timeout, timeout=timeout, ring=ring_size * MB,
+        max_rate=max_rate * MB if max_rate else None, verify=verify,
+        step=step or chaincast.STEP)
 
 
 main = common.entry_point(cli, "ka-chaincast")

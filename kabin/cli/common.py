@@ -56,18 +56,53 @@ input_options = _compose(
                  help="Resolve @group names through ClusterShell's groups."),
 )
 
-output_options = _compose(
-    click.option("--format", "fmt", type=click.Choice(["json", "table"]), default=None,
-                 help="Output format (default: table on a terminal, else JSON lines)."),
-    click.option("--ok", "ok_file", metavar="FILE", help="Also write the OK nodes to FILE."),
-    click.option("--ko", "ko_file", metavar="FILE", help="Also write the KO nodes to FILE."),
-)
+FORMATS = ("json", "table", "csv")
 
-fanout_option = click.option("--fanout", type=click.IntRange(1), default=None,
-                             help="Nodes handled at once (default: the config's fanout).")
+format_option = click.option(
+    "--format", "fmt", type=click.Choice(FORMATS), default=None,
+    help="Output format (default: table on a terminal, else JSON lines; csv: the table's "
+         "columns, a header then a row per record or entry).")
 
-timeout_option = click.option("-t", "--timeout", type=click.FloatRange(0, min_open=True),
-                              default=None, metavar="SECONDS", help="Per-node timeout.")
+
+def ok_ko_options(ok_flags=("--ok",), ko_flags=("--ko",)):
+    """``--ok FILE`` / ``--ko FILE`` (kadeploy also takes Kadeploy3's -o / -n)."""
+    return _compose(
+        click.option(*ok_flags, "ok_file", metavar="FILE", help="Also write the OK nodes to FILE."),
+        click.option(*ko_flags, "ko_file", metavar="FILE", help="Also write the KO nodes to FILE."))
+
+
+output_options = _compose(format_option, ok_ko_options())
+
+def fanout_option(help_text="Nodes handled at once (default: the config's fanout)."):
+    return click.option("--fanout", type=click.IntRange(1), default=None, help=help_text)
+
+
+def timeout_option(help_text="Per-node timeout.", dest="timeout"):
+    return click.option("-t", "--timeout", dest, type=click.FloatRange(0, min_open=True),
+                        default=None, metavar="SECONDS", help=help_text)
+
+
+owner_option = click.option("-u", "--owner", metavar="USER", help="The environment's owner.")
+
+running_option = click.option(
+    "--running", type=click.Choice(["deploy", "system"]), default=None,
+    help="What the nodes run now: the known-hosts file SSH checks their keys against (the "
+         "deployment environment and deployed systems have different host keys).")
+
+step_option = click.option(
+    "--step", metavar="NAME", help="The step's name in the records (default: the command's; "
+                                   "kadeploy --print-pipeline names its micro-steps).")
+
+
+def instance_option(help_text):
+    """``--instance NAME``: a testbed instance ($KABIN_TESTBED_INSTANCE)."""
+    return click.option("--instance", default="default", show_default=True, metavar="NAME",
+                        envvar="KABIN_TESTBED_INSTANCE", show_envvar=True, help=help_text)
+
+
+def env_option(help_text):
+    """``-e/--env NAME[@VERSION]``: an environment of the library, in every command."""
+    return click.option("-e", "--env", "env_spec", metavar="NAME[@VERSION]", help=help_text)
 
 
 def stream_options(fn):
@@ -100,6 +135,8 @@ def emit(opts, output, columns=()):
     try:
         writer.write_all(output)
     finally:
+        if hasattr(output, "close"):   # a job stopped early (closed pipe) cleans up now
+            output.close()
         writer.close()
     return EXIT_OK if writer.all_ok else EXIT_KO
 

@@ -18,7 +18,8 @@ def _keys(path):
         return None
     path = Path(os.path.expanduser(path))
     try:
-        return path.read_bytes()
+        with open(path, "rb"):
+            return str(path)
     except OSError as exc:
         raise click.BadParameter(f"cannot read {path}: {exc.strerror}", param_hint="-k")
 
@@ -29,7 +30,7 @@ def _options(opts):
     return workflow.Options(
         env=opts["env"], owner=opts["owner"], env_version=opts["env_version"],
         description=opts["env_file"], partition=opts["partition"],
-        block_device=opts["block_device"], ssh_keys=_keys(opts["key"]),
+        block_device=opts["block_device"], ssh_key_file=_keys(opts["key"]),
         reformat_tmp=opts["reformat_tmp"],
         custom_steps=custom.load(opts["custom_steps"]) if opts["custom_steps"] else {},
         breakpoint=workflow.parse_breakpoint(opts["breakpoint"]) if opts["breakpoint"] else None,
@@ -64,16 +65,15 @@ def _options(opts):
 @click.option("--disable-bootloader-install", is_flag=True, help="Do not install a bootloader.")
 @click.option("--force", is_flag=True, help="Take over nodes another run is deploying.")
 @click.option("--dry-run", is_flag=True, help="Check everything and show the plan; touch nothing.")
-@click.option("--print-pipeline", is_flag=True, help="Print the equivalent ka-* shell pipeline.")
+@click.option("--print-pipeline", is_flag=True, help="Print the deployment as a shell script of ka-* commands (every "
+                   "variant, retries, timeouts, the fallback) and stop.")
 @click.option("-d", "--node-debug", is_flag=True,
               help="Keep each node's commands, outputs and exit codes in its record (debug).")
 @click.option("-V", "--verbose-level", type=click.IntRange(0, 5), default=None,
               help="Kadeploy3 verbosity: 0 quiet, 1-2 progress, 3 info, 4-5 debug.")
 @common.input_options
-@click.option("--format", "fmt", type=click.Choice(["json", "table"]), default=None,
-              help="Output format (default: table on a terminal, else JSON lines).")
-@click.option("-o", "--ok", "ok_file", metavar="FILE", help="Also write the OK nodes to FILE.")
-@click.option("-n", "--ko", "ko_file", metavar="FILE", help="Also write the KO nodes to FILE.")
+@common.format_option
+@common.ok_ko_options(("-o", "--ok"), ("-n", "--ko"))
 @common.config_option
 @common.verbosity_options
 @common.command

@@ -6,7 +6,7 @@ import click
 
 from .. import exec as exec_mod
 from .. import records
-from ..errors import EXIT_KO, EXIT_OK, UsageError
+from ..errors import EXIT_KO, EXIT_OK
 from . import common
 
 
@@ -17,18 +17,25 @@ from . import common
 @click.option("--send", "sends", multiple=True, metavar="SRC:DEST",
               help="Write the local file SRC to DEST on the nodes first (repeatable; "
                    "DEST ending in / keeps the name).")
-@click.option("--env", "export_env", is_flag=True,
+@click.option("--kadeploy-env", "kadeploy_env", is_flag=True,
               help="Export the KADEPLOY_* variables to the command.")
-@click.option("--target", type=click.Choice(["deploy", "system"]), default="deploy",
-              show_default=True,
-              help="What the nodes run now: picks the known-hosts file (host keys differ).")
+@common.env_option("The environment the KADEPLOY_* variables describe (implies "
+                   "--kadeploy-env; default: the record's env, as ka-chaincast --env leaves it).")
+@common.owner_option
+@click.option("--block-device", metavar="DEV", help="KADEPLOY_BLOCK_DEVICE (default: the "
+                                                    "cluster's, or the record's).")
+@click.option("--partition", type=click.IntRange(1), metavar="N",
+              help="KADEPLOY_DEPLOY_PART_NUM (default: the cluster's deploy partition).")
+@common.running_option
 @click.option("-b", "--gather", is_flag=True,
               help="Human view: identical outputs folded by node set (as clush -b).")
-@common.fanout_option
-@common.timeout_option
+@common.fanout_option()
+@common.timeout_option()
+@common.step_option
 @common.stream_options
 @common.command
-def cli(command, script, sends, export_env, target, gather, fanout, timeout, **opts):
+def cli(command, script, sends, kadeploy_env, env_spec, owner, block_device, partition, running,
+        gather, fanout, timeout, step, **opts):
     """Run CMD (a shell command line), a local script or file sends on every OK node.
 
     Each node's record gets rc, stdout, stderr and time; a non-zero rc, a
@@ -39,31 +46,30 @@ def cli(command, script, sends, export_env, target, gather, fanout, timeout, **o
       ka-exec -m node-[1-8] -- uname -r
       ka-exec -m node-[1-8] --script ./setup.sh -- --verbose
       ka-exec -m node-[1-8] --send ./motd:/etc/motd
-      ka-reboot -m node-[1-8] --wait deploy | ka-exec --env -- 'echo $KADEPLOY_DEPLOY_PART'
+      ka-reboot -m node-[1-8] --wait deploy | ka-exec --kadeploy-env -- 'echo $KADEPLOY_DEPLOY_PART'
+      ka-exec -m node-[1-8] --env debian12 -- 'echo $KADEPLOY_ENV_KERNEL'
     """
-    job = exec_mod.Job(
-        command=None if script or not command else " ".join(command),
-        script=_read_script(script),
-        script_args=tuple(command) if script else (),
-        sends=tuple(exec_mod.Send.parse(s) for s in sends),
-        timeout=timeout or exec_mod.DEFAULT_TIMEOUT,
-        export_env=export_env,
-    )
+    options = options_of(command, script, sends, kadeploy_env, env_spec, owner, block_device,
+                         partition, running, fanout, timeout, step)
     config = common.load_config(opts)
-    output = exec_mod.execute(config, common.read_input(opts), job, fanout, target)
+    output = exec_mod.run(config, common.read_input(opts), options)
     if gather:
         return _write_gathered(opts, output)
     return common.emit(opts, output, columns=("rc", "stdout"))
 
 
-def _read_script(path):
-    if path is None:
-        return None
-    try:
-        with open(path, "rb") as handle:
-            return handle.read()
-    except OSError as exc:
-        raise UsageError(f"cannot read {path}: {exc.strerror}") from None
+def options_of(command, script, sends, kadeploy_env, env_spec, owner, block_device, partition,
+               running, fanout, timeout, step):
+    """The exec.Options the command line says."""
+    fields = dict(script_args=tuple(command) if script else (),
+                  sends=tuple(exec_mod.Send.parse(s) for s in sends),
+                  timeout=timeout or exec_mod.DEFAULT_TIMEOUT, running=running or "deploy",
+                  fanout=fanout, kadeploy_env=kadeploy_env or bool(env_spec), env=env_spec,
+                  owner=owner, block_device=block_device, partition=partition,
+                  step=step or exec_mod.STEP)
+    if script:
+        return exec_mod.Options.for_script(script, **fields)
+    return exec_mod.Options(command=" ".join(command) if command else None, **fields)
 
 
 def _write_gathered(opts, output):

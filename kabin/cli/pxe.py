@@ -43,17 +43,23 @@ def set_group():
 
 
 def _run(opts, make_output):
+    """Emit ``make_output(config, records)``; a pxe.Options stands for its pxe.run."""
+    if isinstance(make_output, pxe.Options):
+        options = make_output
+
+        def make_output(config, items):
+            return pxe.run(config, items, options)
     config = common.load_config(opts)
     return common.emit(opts, make_output(config, common.read_input(opts)), COLUMNS)
 
 
 @set_group.command("deploy", context_settings=common.CONTEXT)
+@common.step_option
 @common.stream_options
 @common.command
-def set_deploy(**opts):
+def set_deploy(step, **opts):
     """Boot the cluster's deployment kernel, initrd and params (boot.kernels.deploy)."""
-    return _run(opts, lambda config, items:
-                pxe.set_profiles(config, pxe.Request("deploy"), items))
+    return _run(opts, pxe.Options("deploy", step=step or pxe.STEP))
 
 
 class _Partition(click.ParamType):
@@ -76,55 +82,50 @@ class _Partition(click.ParamType):
 @click.option("-p", "--partition", type=_Partition(), default=None,
               help="Boot this partition of the first disk, or 'disk' for its MBR "
                    "(default: the cluster's deploy partition).")
+@common.step_option
 @common.stream_options
 @common.command
-def set_local(partition, **opts):
+def set_local(partition, step, **opts):
     """Boot the local disk (chainloaded when pxe.local_method differs from pxe.method)."""
-    request = pxe.Request("local", partition=partition)
-    return _run(opts, lambda config, items: pxe.set_profiles(config, request, items))
+    return _run(opts, pxe.Options("local", partition=partition, step=step or pxe.STEP))
 
 
 @set_group.command("netboot", context_settings=common.CONTEXT)
-@click.option("-e", "--env", "env_spec", metavar="NAME[@VERSION]",
-              help="Boot this environment's kernel and initrd (read from its tar image).")
-@click.option("-u", "--owner", metavar="USER", help="The environment's owner.")
+@common.env_option("Boot this environment's kernel and initrd (read from its tar image).")
+@common.owner_option
 @click.option("--kernel", type=click.Path(exists=True, dir_okay=False),
               help="Boot this kernel file instead of an environment's.")
 @click.option("--initrd", type=click.Path(exists=True, dir_okay=False),
               help="With --kernel: its initrd.")
 @click.option("--params", default="", metavar="TEXT",
               help="More kernel parameters (after the cluster's user params and the env's).")
+@common.step_option
 @common.stream_options
 @common.command
-def set_netboot(env_spec, owner, kernel, initrd, params, **opts):
+def set_netboot(env_spec, owner, kernel, initrd, params, step, **opts):
     """Boot a kernel and initrd copied into the PXE tree (cached by content).
 
     The files are stored once under pxe_root/kabin-cache/, named by their
     SHA-256; the cache is bounded by paths.pxe_cache_size_mb (least recently
     used files go first, never one a profile still names).
     """
-    from ..pxe import netboot  # the environment library is needed here only
-
     if bool(env_spec) == bool(kernel):
         raise click.UsageError("give either --env NAME or --kernel FILE")
     if initrd and not kernel:
         raise click.UsageError("--initrd goes with --kernel (an environment names its own)")
     if "\n" in params:
         raise click.UsageError("--params must be one line")
-    config = common.load_config(opts)
-    if env_spec:
-        request = netboot.request_from_env(config, env_spec, owner=owner, params=params)
-    else:
-        request = netboot.request_from_files(config, kernel, initrd, params)
-    return common.emit(opts, pxe.set_profiles(config, request, common.read_input(opts)), COLUMNS)
+    return _run(opts, pxe.Options("netboot", env=env_spec, owner=owner, kernel=kernel,
+                                  initrd=initrd, params=params, step=step or pxe.STEP))
 
 
 @set_group.command("custom", context_settings=common.CONTEXT)
 @click.option("--template", "template_file", required=True, metavar="FILE",
               help="The profile template; placeholders {{ name }} get each node's values.")
+@common.step_option
 @common.stream_options
 @common.command
-def set_custom(template_file, **opts):
+def set_custom(template_file, step, **opts):
     """Write a template of yours, with per-node values, as each node's profile.
 
     It goes where the cluster's pxe.method reads it. Placeholders: node, short,
@@ -132,8 +133,9 @@ def set_custom(template_file, **opts):
     kernel's), user_params, deploy_partition. An unknown one is an error before
     any file is written.
     """
-    request = pxe.custom_request(template_file)
-    return _run(opts, lambda config, items: pxe.set_profiles(config, request, items))
+    options = pxe.Options("custom", template=template_file, step=step or pxe.STEP)
+    options.request(None)          # the template is checked before the config is read
+    return _run(opts, options)
 
 
 @cli.command("show", context_settings=common.CONTEXT)

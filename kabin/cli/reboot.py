@@ -48,22 +48,20 @@ _wait_option = click.option("--wait", type=click.Choice(reboot_mod.WAIT_MODES), 
                                  "port open), system (22 open, marker closed), any (22 open), "
                                  "none.  [reboot default: any; power on default: none]")
 _TIMING = (
-    click.option("-t", "--timeout", "boot_timeout", type=_seconds, metavar="SECONDS",
-                 help="Time a node has to go down and come back after each level (default: "
-                      "the cluster's timeouts.reboot, or timeouts.kexec)."),
+    common.timeout_option("Time a node has to go down and come back after each level "
+                          "(default: the cluster's timeouts.reboot, or timeouts.kexec).",
+                          dest="boot_timeout"),
     click.option("--deadline", type=_seconds, metavar="SECONDS",
                  help="Whole time per node, all levels included, from its first command "
                       "(default: the sum of its levels' budgets)."),
     click.option("--command-timeout", type=_seconds, default=reboot_mod.COMMAND_TIMEOUT,
                  show_default=True, metavar="SECONDS",
                  help="Bound of each level's command (SSH, template, BMC calls)."),
-    click.option("--from", "ssh_target", type=click.Choice(["deploy", "system"]), default=None,
-                 help="What the nodes run now: the known-hosts file of the SSH levels "
-                      "(default: deploy with --kexec, else system)."),
-    click.option("--fanout", type=click.IntRange(1), default=None,
-                 help=f"Nodes in flight (default: {reboot_mod.IN_FLIGHT} for reboot and power "
-                      "on/off, whose commands the reboot window bounds; the config's fanout "
-                      "for status)."),
+    common.running_option,
+    common.fanout_option(f"Nodes in flight (default: {reboot_mod.IN_FLIGHT} for reboot and "
+                         "power on/off, whose commands the reboot window bounds; the config's "
+                         "fanout for status)."),
+    common.step_option,
 )
 
 
@@ -74,8 +72,8 @@ def _timing_options(fn):
 
 
 def _pop_timing(opts):
-    return {k: opts.pop(k) for k in ("boot_timeout", "deadline", "command_timeout", "ssh_target",
-                                     "fanout")}
+    return {k: opts.pop(k) for k in ("boot_timeout", "deadline", "command_timeout", "running",
+                                     "fanout", "step")}
 
 
 def _options(levels, wait, default_wait, timing):
@@ -113,16 +111,10 @@ def reboot_command(levels, wait, kernel, initrd, append, **opts):
     """Reboot the OK nodes; a node moves to the next level when the command fails or when it
     does not go down and come back in time. The record's 'level' names the level that worked.
     """
-    if (initrd or append is not None) and not kernel:
-        raise UsageError("--initrd and --append go with --kexec KERNEL")
-    timing = _pop_timing(opts)
-    timing["ssh_target"] = timing["ssh_target"] or ("deploy" if kernel else "system")
-    options = _options(levels, wait, "any", timing)
-    if kernel:
-        options.kexec = reboot_mod.Kexec(kernel, initrd, append)
+    options = reboot_options(levels, wait, kernel, initrd, append, **_pop_timing(opts))
     config = common.load_config(opts)
     _check_levels(config, "reboot", options.levels)
-    output = reboot_mod.reboot(config, common.read_input(opts), options)
+    output = reboot_mod.run(config, common.read_input(opts), options)
     return common.emit(opts, output, columns=("level",))
 
 
@@ -139,18 +131,33 @@ def power_command(action, levels, wait, **opts):
     'status' reads each node's power through its BMC (or its power_status
     template): field 'power' = on | off.
     """
-    if action != "on" and wait not in (None, "none"):
-        raise UsageError("--wait goes with 'power on'")
-    timing = _pop_timing(opts)
-    timing["ssh_target"] = timing["ssh_target"] or "system"
-    options = _options(levels, wait, "none", timing)
+    options = power_options(action, levels, wait, **_pop_timing(opts))
     config = common.load_config(opts)
     if action != "status":
-        _check_levels(config, f"power_{action}", options.levels)
-    elif levels:
-        raise UsageError("--level goes with 'power on' and 'power off'")
-    output = reboot_mod.power(config, common.read_input(opts), action, options)
+        _check_levels(config, options.operation, options.levels)
+    output = reboot_mod.run(config, common.read_input(opts), options)
     return common.emit(opts, output, columns=("power", "level"))
+
+
+def reboot_options(levels, wait, kernel=None, initrd=None, append=None, **timing):
+    """The reboot.Options of ``ka-reboot [reboot]``'s command line."""
+    if (initrd or append is not None) and not kernel:
+        raise UsageError("--initrd and --append go with --kexec KERNEL")
+    timing["running"] = timing["running"] or ("deploy" if kernel else "system")
+    options = _options(levels, wait, "any", timing)
+    if kernel:
+        options.kexec = reboot_mod.Kexec(kernel, initrd, append)
+    return options
+
+
+def power_options(action, levels, wait, **timing):
+    """The reboot.Options of ``ka-reboot power ACTION``'s command line."""
+    if action != "on" and wait not in (None, "none"):
+        raise UsageError("--wait goes with 'power on'")
+    if action == "status" and levels:
+        raise UsageError("--level goes with 'power on' and 'power off'")
+    timing["running"] = timing["running"] or "system"
+    return reboot_mod.power_options(action, _options(levels, wait, "none", timing))
 
 
 main = common.entry_point(cli, "ka-reboot")

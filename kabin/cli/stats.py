@@ -5,7 +5,6 @@ import click
 from .. import db as db_mod
 from .. import nodes as nodes_mod
 from .. import stats
-from ..errors import EXIT_KO, EXIT_OK
 from . import common, tabular
 
 RATE_COLUMNS = ("node", "total", "successes", "failures", "rate")
@@ -78,31 +77,11 @@ def _filters(opts):
 @click.option("--env", metavar="NAME@VERSION", help="Environment of records without one.")
 @common.stream_options
 @common.command
-def record(**opts):
+def record(deployment, operation, env, **opts):
     """Store final records in the log and pass them on unchanged (it can sit mid-pipe)."""
-    stream = iter(common.read_input(opts))
-    writer = common.writer_for(opts)
-    received = []
-    defaults = {"deployment": opts["deployment"], "operation": opts["operation"],
-                "env": opts["env"]}
-    try:
-        for item in stream:
-            received.append(item)
-            writer.write(item)
-    except BrokenPipeError:
-        received.extend(stream)  # the reader is gone: still log every record
-        _store(opts, received, defaults)
-        raise
-    try:
-        _store(opts, received, defaults)
-    finally:
-        writer.close()
-    return EXIT_OK if writer.all_ok else EXIT_KO
-
-
-def _store(opts, received, defaults):
-    with _open(opts) as database:
-        stats.store(database, received, defaults)
+    options = stats.Options(deployment=deployment, operation=operation, env=env)
+    return common.emit(opts, stats.run(common.load_config(opts), common.read_input(opts),
+                                       options))
 
 
 @_subcommand(*filter_options,

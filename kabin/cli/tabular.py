@@ -11,12 +11,10 @@ import sys
 import click
 
 from .. import records
+from . import common
 
-FORMATS = ("table", "json", "csv")
-
-format_option = click.option(
-    "--format", "fmt", type=click.Choice(FORMATS), default=None,
-    help="Output format (default: table on a terminal, else JSON lines).")
+FORMATS = common.FORMATS
+format_option = common.format_option
 
 
 def fields_option(available, default):

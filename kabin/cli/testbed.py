@@ -1,24 +1,18 @@
 """ka-testbed: the local test cluster (issue #3)."""
 
-import importlib
 import os
 
 import click
 
-from . import common, tabular
+from . import common, tabular, testbed_mkenv
 
 STATUS_COLUMNS = ("node", "address", "bmc", "power", "booted", "partition", "detail", "faults")
 VM_STATUS_COLUMNS = ("node", "kind", "firmware", "address", "bmc", "power", "booted", "console",
                      "faults")
 LIST_COLUMNS = ("instance", "size", "tier", "slot", "running")
-# subcommands that live in other modules, imported only when used
-LAZY = {"mkenv": ("kabin.cli.testbed_mkenv", "mkenv_command",
-                  "Build small test environment images and register them.")}
 
-instance_option = click.option(
-    "--instance", default="default", show_default=True, metavar="NAME",
-    envvar="KABIN_TESTBED_INSTANCE", show_envvar=True,
-    help="The testbed instance (several run side by side, each with its own addresses).")
+instance_option = common.instance_option(
+    "The testbed instance (several run side by side, each with its own addresses).")
 
 
 _format_option = tabular.format_option
@@ -28,48 +22,7 @@ def _rows(rows, columns, fmt):
     tabular.write_rows(rows, columns, fmt, flatten={"faults": lambda f: ", ".join(f or ())})
 
 
-class _Commands(dict):
-    """The subcommands by name; those of LAZY are imported the first time one is needed."""
-
-    def __missing__(self, name):
-        if name not in LAZY:
-            raise KeyError(name)
-        module, attribute, _ = LAZY[name]
-        self[name] = getattr(importlib.import_module(module), attribute)
-        return self[name]
-
-    def get(self, name, default=None):
-        try:
-            return self[name]
-        except KeyError:
-            return default
-
-    def __contains__(self, name):
-        return name in LAZY or super().__contains__(name)
-
-    def __iter__(self):
-        return iter(sorted(set(super().keys()) | set(LAZY)))
-
-    def items(self):
-        return [(name, self[name]) for name in self]
-
-
-class _Group(click.Group):
-    def __init__(self, *args, **kwargs):
-        super().__init__(*args, **kwargs)
-        self.commands = _Commands(self.commands)
-
-    def format_commands(self, ctx, formatter):
-        """The list of subcommands, without importing the lazy ones."""
-        names = self.list_commands(ctx)
-        limit = formatter.width - 6 - max(len(name) for name in names)
-        rows = [(name, LAZY[name][2] if name in LAZY else
-                 self.commands[name].get_short_help_str(limit)) for name in names]
-        with formatter.section("Commands"):
-            formatter.write_dl(rows)
-
-
-@click.group(cls=_Group, context_settings=common.CONTEXT)
+@click.group(context_settings=common.CONTEXT)
 def cli():
     """A real local cluster to deploy to: nodes with sshd and disks, IPMI BMCs, PXE boot.
 
@@ -137,8 +90,7 @@ def cli():
               metavar="SECONDS", help="How long a boot takes.")
 @click.option("--fault", "initial_faults", multiple=True, metavar="NODE=KIND",
               help="A fault from the start, e.g. node-3=never-returns (repeatable).")
-@click.option("-t", "--timeout", type=click.FloatRange(0, min_open=True), metavar="SECONDS",
-              help="How long to wait for the nodes to boot (default: 60 + 0.2 per node).")
+@common.timeout_option("How long to wait for the nodes to boot (default: 60 + 0.2 per node).")
 @click.option("--vm", is_flag=True, help="Nodes are QEMU machines booted by real firmware.")
 @click.option("--firmware", type=click.Choice(["bios", "uefi", "mixed"]), default="bios",
               show_default=True, help="VM firmware: SeaBIOS + iPXE, OVMF, or both in turn.")
@@ -299,4 +251,5 @@ def list_command(**opts):
     _rows(lifecycle.instances(), LIST_COLUMNS, opts["fmt"])
 
 
+cli.add_command(testbed_mkenv.mkenv_command)
 main = common.entry_point(cli, "ka-testbed")

@@ -1,29 +1,27 @@
-"""``ka-testbed mkenv``: the click command (ka-testbed's group adds it with add_command)."""
+"""``ka-testbed mkenv``: the click command (ka-testbed's group adds it with add_command).
+
+The builders are imported when the command runs, as every command does with its library.
+"""
 
 from pathlib import Path
 
 import click
 
-from .. import config as config_mod
-from .. import db as db_mod
-from ..testbed import layout, mkenv, units
 from . import common, tabular
 
 COLUMNS = ("name", "version", "kind", "compression", "file", "size")
 
 
 @click.command("mkenv", context_settings=common.CONTEXT)
-@click.option("--instance", default="default", show_default=True, metavar="NAME",
-              envvar="KABIN_TESTBED_INSTANCE", show_envvar=True,
-              help="Testbed instance: its configuration (unless --config is given) and "
-                   "its directory, where the images go (envs/).")
+@common.instance_option("Testbed instance: its configuration (unless --config is given) and "
+                        "its directory, where the images go (envs/).")
 @click.option("--out", "out_dir", type=click.Path(file_okay=False), metavar="DIR",
               help="Build the images in DIR instead.")
 @click.option("--pad-size", default="0", metavar="SIZE",
               help="Add SIZE of incompressible padding to each image (e.g. 64M).")
 @click.option("--only", multiple=True, metavar="NAME",
-              type=click.Choice([v[0] for v in mkenv.VARIANTS]),
-              help="Build only this environment (repeatable; default: all).")
+              help="Build only this environment (repeatable; default: all): testenv-tgz, "
+                   "testenv-txz, testenv-tzst, testenv-dd.")
 @click.option("--real", is_flag=True,
               help="Build bootable systems instead (realenv-tzst, realenv-dd): Debian's "
                    "kernel, an initrd, sshd with the key of server.yml.")
@@ -38,6 +36,11 @@ def mkenv_command(**opts):
     testenv-tzst and testenv-dd; with --real, realenv-tzst and realenv-dd, systems
     that boot on real machines (the VM tier) with their own kernel and initrd.
     """
+    from .. import config as config_mod
+    from .. import db as db_mod
+    from ..testbed import layout, mkenv, units
+
+    mkenv.select(opts["only"])      # an unknown name is a usage error before any work
     instance_dir = layout.instance_dir(opts["instance"])
     own = instance_dir / "config"
     config = config_mod.load(opts["config_dir"] or (own if own.is_dir() else None))

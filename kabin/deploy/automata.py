@@ -16,6 +16,7 @@ import threading
 from dataclasses import dataclass, field
 
 from .. import records
+from ..errors import UsageError
 from ..parallel import Deadline
 
 log = logging.getLogger(__name__)
@@ -27,13 +28,23 @@ ABORTED = "Aborted"
 class MicroStep:
     """``run(stream, ctx)`` consumes OK records and yields records (OK or KO).
 
-    ``shell`` is the equivalent ka-* command line (for ``--print-pipeline``);
+    ``options``: the job's options (``exec.Options``, ``reboot.Options``...) whose
+    ``to_argv()`` is the equivalent ka-* command line (for ``--print-pipeline``);
     None when the step does nothing with these options.
     """
 
     name: str
     run: object
-    shell: str | None = None
+    options: object = None
+
+    def argv(self):
+        """The ka-* command line, or None (nothing to do, or work no command line says)."""
+        if self.options is None:
+            return None
+        try:
+            return self.options.to_argv()
+        except UsageError:
+            return None
 
 
 @dataclass

@@ -18,6 +18,7 @@ from pathlib import Path
 
 import yaml
 
+from .. import exec as exec_mod
 from ..errors import ConfigError, UsageError
 from ..schema import Section
 
@@ -107,14 +108,14 @@ def _load(path):
 def _op_step(plan, macro, micro, kind, op):
     name = f"{micro}:{kind}:{op.name}"
     if op.action == "exec":
-        return plan.remote(name, lambda r: op.command, op.timeout)
-    data = op.file.read_bytes()
+        return plan.remote(name, op.command, op.timeout)
     if op.action == "run":
-        return plan.remote(name, lambda r: "sh -s", op.timeout, stdin_of=lambda r: data)
+        return plan.run_script(name, op.file, op.timeout)
+    sent = f"{plan.config.server.tmp_dir.rstrip('/')}/kabin-send-{op.file.name}"
     dest = op.destination.rstrip("/") + "/" + op.file.name
-    return plan.remote(name, lambda r: f"mkdir -p {shlex.quote(op.destination)} && "
-                                       f"cat > {shlex.quote(dest)}", op.timeout,
-                       stdin_of=lambda r: data)
+    return plan.remote(name, f"mkdir -p {shlex.quote(op.destination)} && "
+                             f"mv {shlex.quote(sent)} {shlex.quote(dest)}", op.timeout,
+                       sends=[exec_mod.Send.parse(f"{op.file}:{sent}")])
 
 
 def apply(macro, steps, custom, plan):

@@ -6,15 +6,14 @@ variables exported. PXE, reboot and broadcast steps call the libraries of
 ka-pxe, ka-reboot and ka-chaincast.
 """
 
+import dataclasses
 import shlex
-import time
+from pathlib import Path
 
-from .. import chaincast, envs, pxe, records
+from .. import chaincast, envdesc, envs, pxe, records
 from .. import exec as exec_mod
 from .. import reboot as reboot_mod
 from ..partitioning import partition_device
-from ..parallel import Executor
-from ..ssh import SshError
 from .automata import MicroStep
 
 
@@ -34,139 +33,117 @@ class Plan:
         number = self.cluster.partitioning.partitions.get(role)
         return partition_device(self.block_device, number) if number else None
 
-    def variables(self, record):
-        """The KADEPLOY_* variables exported to every command run on a node."""
-        described = dict(record, env=dict(self.env.description), block_device=self.block_device,
-                         deploy_partition=self.deploy_part_num)
-        return exec_mod.kadeploy_env(self.config, described)
-
     # ------------------------------------------------------------ remote steps
 
-    def remote(self, name, command_of, timeout=120, stdin_of=None, shell=None):
-        """A micro-step running ``command_of(record)`` on each node (None: nothing to do).
-
-        ``shell``: the equivalent ka-exec line; by default built from the command.
-        """
-        if shell is None and command_of({}) is not None and stdin_of is None:
-            shell = f"ka-exec --env -t {timeout:g} -- {shlex.quote(command_of({}))}"
-
-        def work(record, ctx):
-            command = command_of(record)
-            if command is None:
-                return records.ok(record, name, 0.0)
-            stdin = stdin_of(record) if stdin_of else None
-            limit = max(1.0, min(timeout, ctx.deadline.remaining()))
-            start = time.monotonic()
-            try:
-                result = self.pool.run(record["node"], command, limit, stdin=stdin,
-                                       env=self.variables(record))
-            except SshError as exc:
-                return records.ko(record, name, str(exc), time.monotonic() - start)
-            debug = ({"debug": record.get("debug", []) + [{
-                "step": name, "command": command, "rc": result.rc,
-                "stdout": result.stdout, "stderr": result.stderr}]}
-                if self.options.debug else {})
-            if result.ok:
-                return records.ok(record, name, result.time, **debug)
-            return records.ko(record, name, f"{name}: {result.error()}", result.time, **debug)
+    def remote(self, name, command=None, timeout=120, sends=(), stdin=None):
+        """A micro-step running ``command`` on each node with ka-exec's library (sends
+        first), the KADEPLOY_* variables exported, over the deployment's SSH pool."""
+        options = exec_mod.Options(
+            command=command, sends=tuple(sends), stdin=stdin, timeout=timeout,
+            kadeploy_env=True, env=dict(self.env.description), owner=self.options.owner,
+            block_device=self.block_device, partition=self.deploy_part_num, step=name)
 
         def run(stream, ctx):
-            executor = Executor(self.config.server.fanout, ctx.stop)
-            yield from executor.map_records(stream, lambda r: work(r, ctx), name)
+            limited = dataclasses.replace(options, timeout=max(1.0, min(timeout,
+                                                                        ctx.deadline.remaining())))
+            yield from self._debugged(exec_mod.run(self.config, stream, limited, ctx.stop,
+                                                   pool=self.pool), options)
 
-        return MicroStep(name, run, shell)
+        return MicroStep(name, run, options)
+
+    def _debugged(self, stream, options):
+        """The command's outputs go into the record's ``debug`` list (kadeploy -d) or away."""
+        for record in stream:
+            fields = {k: record.pop(k) for k in exec_mod.COMMAND_FIELDS if k in record}
+            if fields and self.options.debug:
+                command = options.remote_command(self.config.server.tmp_dir)
+                record["debug"] = record.get("debug", []) + [
+                    {"step": options.step, "command": command, **fields}]
+            yield record
 
     def run_script(self, name, script, timeout=300):
-        """Pipe a local script to ``sh -s`` on the nodes."""
-        data = script.read_bytes()
-        return self.remote(name, lambda r: "sh -s", timeout, stdin_of=lambda r: data,
-                           shell=f"ka-exec --env -t {timeout:g} --script {shlex.quote(str(script))}")
+        """Send a local script and run it with sh (as ``sh -s`` would: no #! needed)."""
+        on_node = f"{self.config.server.tmp_dir.rstrip('/')}/kabin-{Path(script).name}"
+        return self.remote(name, f"sh {shlex.quote(on_node)}", timeout,
+                           sends=[exec_mod.Send.parse(f"{script}:{on_node}")])
 
     def create_partition_table(self):
         script = self.cluster.partitioning.script
         if script is None or self.options.disable_partitioning:
-            return self.remote("create_partition_table", lambda r: None)
+            return nothing("create_partition_table")
         return self.run_script("create_partition_table", script)
 
     def format_deploy_part(self):
         fs = self.env.filesystem or "ext4"
         if self.env.image_kind == "dd":  # the image brings its own filesystem
-            return self.remote("format_deploy_part", lambda r: None)
+            return nothing("format_deploy_part")
         return self.remote("format_deploy_part",
-                           lambda r: f"mkfs -t {shlex.quote(fs)} -q {_force(fs)} "
-                                     f"{shlex.quote(self.deploy_part)}")
+                           f"mkfs -t {shlex.quote(fs)} -q {_force(fs)} {shlex.quote(self.deploy_part)}")
 
     def format_tmp_part(self):
         fs, part = self.options.reformat_tmp, self.part("tmp")
         if not fs or not part:
-            return self.remote("format_tmp_part", lambda r: None)
-        return self.remote("format_tmp_part",
-                           lambda r: f"mkfs -t {shlex.quote(fs)} -q {_force(fs)} {shlex.quote(part)}")
+            return nothing("format_tmp_part")
+        return self.remote("format_tmp_part", f"mkfs -t {shlex.quote(fs)} -q {_force(fs)} "
+                                              f"{shlex.quote(part)}")
 
     def format_swap_part(self):
         part = self.part("swap")
         if not part or self.cluster.partitioning.disable_swap:
-            return self.remote("format_swap_part", lambda r: None)
-        return self.remote("format_swap_part", lambda r: f"mkswap {shlex.quote(part)} >/dev/null")
+            return nothing("format_swap_part")
+        return self.remote("format_swap_part", f"mkswap {shlex.quote(part)} >/dev/null")
 
     def mount_deploy_part(self):
         dest, part = shlex.quote(self.dest), shlex.quote(self.deploy_part)
         return self.remote("mount_deploy_part",
-                           lambda r: f"mkdir -p {dest} && (umount {dest} 2>/dev/null; "
-                                     f"mount {part} {dest})")
+                           f"mkdir -p {dest} && (umount {dest} 2>/dev/null; mount {part} {dest})")
 
     def check_kernel_files(self):
         files = [f for f in (self.env.kernel, self.env.initrd) if f]
         if not files:
-            return self.remote("check_kernel_files", lambda r: None)
+            return nothing("check_kernel_files")
         tests = " && ".join(f"test -e {shlex.quote(self.dest + '/' + f.lstrip('/'))}" for f in files)
         return self.remote("check_kernel_files",
-                           lambda r: f"{tests} || {{ echo 'kernel files missing' >&2; exit 1; }}")
+                           f"{tests} || {{ echo 'kernel files missing' >&2; exit 1; }}")
 
     def send_key(self):
-        keys = self.options.ssh_keys
+        keys = self.options.ssh_key_file
         if not keys:
-            return self.remote("send_key", lambda r: None)
+            return nothing("send_key")
         ssh_dir = shlex.quote(self.dest + "/root/.ssh")
-        command = (f"mkdir -p {ssh_dir} && chmod 700 {ssh_dir} && "
-                   f"cat >> {ssh_dir}/authorized_keys && chmod 600 {ssh_dir}/authorized_keys")
-        return self.remote("send_key", lambda r: command, stdin_of=lambda r: keys)
+        sent = f"{self.config.server.tmp_dir.rstrip('/')}/kabin-authorized-keys"
+        command = (f"mkdir -p {ssh_dir} && chmod 700 {ssh_dir} && cat {sent} >> "
+                   f"{ssh_dir}/authorized_keys && chmod 600 {ssh_dir}/authorized_keys && rm {sent}")
+        return self.remote("send_key", command, sends=[exec_mod.Send.parse(f"{keys}:{sent}")])
 
     def install_bootloader(self):
         script = self.cluster.boot.install_bootloader
         if script is None or self.options.disable_bootloader:
-            return self.remote("install_bootloader", lambda r: None)
+            return nothing("install_bootloader")
         return self.run_script("install_bootloader", script)
 
     def umount_deploy_part(self):
         dest = shlex.quote(self.dest)
         return self.remote("umount_deploy_part",
-                           lambda r: f"sync; if mountpoint -q {dest}; then umount {dest}; fi")
+                           f"sync; if mountpoint -q {dest}; then umount {dest}; fi")
 
 
     # ------------------------------------------------------------ library steps
 
     def switch_pxe(self, profile, partition=None):
-        request = pxe.Request(profile, partition=partition)
-        shell = f"ka-pxe set {profile}" + (f" --partition {partition}" if partition else "")
-        return MicroStep("switch_pxe", lambda stream, ctx: _renamed(
-            pxe.set_profiles(self.config, request, stream), pxe.STEP, "switch_pxe"), shell)
+        options = pxe.Options(profile, partition=partition, step="switch_pxe")
+        return MicroStep("switch_pxe", lambda stream, ctx: pxe.run(self.config, stream, options,
+                                                                   ctx.stop), options)
 
     def reboot(self, levels, wait, kexec=None, name="reboot"):
         """Reboot (with escalation through ``levels``) and wait for ``wait``."""
+        options = reboot_mod.Options(levels=levels, wait=wait, kexec=kexec, step=name,
+                                     running="deploy" if wait == "system" else "system")
 
         def run(stream, ctx):
-            options = reboot_mod.Options(levels=levels, wait=wait, kexec=kexec,
-                                         deadline=max(1.0, ctx.deadline.remaining()),
-                                         ssh_target="deploy" if wait == "system" else "system")
-            yield from _renamed(reboot_mod.reboot(self.config, stream, options, ctx.stop),
-                                reboot_mod.STEP, name)
-        shell = "ka-reboot" + (f" --level {','.join(levels)}" if levels else "")
-        if kexec:
-            shell += f" --kexec {shlex.quote(kexec.kernel)}" + (
-                f" --initrd {shlex.quote(kexec.initrd)}" if kexec.initrd else "") + (
-                f" --append {shlex.quote(kexec.append)}" if kexec.append else "")
-        return MicroStep(name, run, f"{shell} --wait {wait}")
+            limited = dataclasses.replace(options, deadline=max(1.0, ctx.deadline.remaining()))
+            yield from reboot_mod.run(self.config, stream, limited, ctx.stop)
+        return MicroStep(name, run, options)
 
     def kexec_env(self):
         """BootNewEnv Kexec: kexec into the environment's kernel from the deploy partition."""
@@ -180,42 +157,43 @@ class Plan:
 
     def send_environment(self, method):
         """Broadcast the image to the batch (chain or tree): it needs the whole batch."""
+        options = chaincast.Options(
+            env=None if self.options.description else self.env.spec, owner=self.options.owner,
+            image=str(self.image.path), kind=self.image.kind, sha256=self.image.sha256,
+            compression=self.image.compression, method=method, stall_timeout=30.0,
+            dest=self.dest if self.image.kind == "tar" else self.deploy_part,
+            step="send_environment")
 
         def run(stream, ctx):
-            options = chaincast.Options(method=method, stall_timeout=30.0,
-                                        timeout=max(1.0, ctx.deadline.remaining()))
-            dest = self.dest if self.image.kind == "tar" else self.deploy_part
-            yield from _renamed(chaincast.broadcast(stream, self.image, self.config, dest=dest,
-                                                    options=options, stop=ctx.stop),
-                                chaincast.STEP, "send_environment")
-        dest = self.dest if self.image.kind == "tar" else self.deploy_part
-        return MicroStep("send_environment", run,
-                         f"ka-chaincast --env {shlex.quote(self.env.spec)} --method {method} "
-                         f"--to {shlex.quote(dest)}")
+            limited = dataclasses.replace(options, timeout=max(1.0, ctx.deadline.remaining()))
+            yield from chaincast.run(self.config, stream, limited, ctx.stop)
+        return MicroStep("send_environment", run, options)
 
     def post_installs(self, name, archives):
         """Each archive is unpacked in the prepost dir, then its script runs there."""
         steps = []
-        for item in archives:
-            with envs.open_file(item["archive"]) as stream:
-                data = stream.read()
+        for number, item in enumerate(archives):
             unpack = {"gzip": "-z", "bzip2": "-j", "xz": "-J", "zstd": "--zstd"}.get(
                 item.get("compression"), "")
+            local = envdesc.local_path(item["archive"])
+            sent = f"{self.config.server.tmp_dir.rstrip('/')}/kabin-{name}-{number}.tar"
+            source = f"-f {sent}" if local else "-f -"
             command = (f'd="$KADEPLOY_PREPOST_EXTRACTION_DIR" && rm -rf "$d" && mkdir -p "$d" && '
-                       f'tar {unpack} -x -f - -C "$d" && cd "$d" && '
+                       f'tar {unpack} -x {source} -C "$d" && cd "$d" && '
                        f'{item.get("script") or "true"}')
-            steps.append(self.remote(name, lambda r, c=command: c,
-                                     stdin_of=lambda r, d=data: d, timeout=600))
+            if local:
+                steps.append(self.remote(name, command, 600,
+                                         sends=[exec_mod.Send.parse(f"{local}:{sent}")]))
+            else:   # fetched by the frontend now, sent on the command's stdin
+                with envs.open_file(item["archive"]) as stream:
+                    steps.append(self.remote(name, command, 600, stdin=stream.read()))
         return steps
 
 
-def _renamed(stream, old, new):
-    """Records of a library step under the name of the micro-step that ran it."""
-    for record in stream:
-        history = record.get("history") or []
-        if record.get("step") == old and history and history[-1].get("step") == old:
-            record = dict(record, step=new, history=history[:-1] + [dict(history[-1], step=new)])
-        yield record
+def nothing(name):
+    """A micro-step with nothing to do under these options: OK at once, not printed."""
+    return MicroStep(name, lambda stream, ctx: (records.ok(r, name, 0.0) if records.is_ok(r)
+                                                else r for r in stream))
 
 
 def _force(fs):
@@ -234,27 +212,14 @@ def _deploy_env_setup(plan):
 
 
 def _deploy_kernel_kexec(plan):
-    boot = plan.cluster.boot
+    boot, tmp = plan.cluster.boot, plan.config.server.tmp_dir.rstrip("/")
     root = plan.config.server.pxe_root
-    kernel = reboot_mod.Kexec(f"{plan.config.server.tmp_dir}/kabin-deploy-vmlinuz",
-                              f"{plan.config.server.tmp_dir}/kabin-deploy-initrd",
+    kernel = reboot_mod.Kexec(f"{tmp}/kabin-deploy-vmlinuz", f"{tmp}/kabin-deploy-initrd",
                               boot.deploy_params)
-    send = plan.remote(
-        "send_deploy_kernel", lambda r: (f"cat > {kernel.kernel}.tar && tar -xf {kernel.kernel}.tar "
-                                         f"-C {plan.config.server.tmp_dir} && rm {kernel.kernel}.tar"),
-        stdin_of=lambda r: _kernel_tar(root / boot.deploy_kernel, root / boot.deploy_initrd))
+    send = plan.remote("send_deploy_kernel", "true", sends=[
+        exec_mod.Send.parse(f"{root / boot.deploy_kernel}:{kernel.kernel}"),
+        exec_mod.Send.parse(f"{root / boot.deploy_initrd}:{kernel.initrd}")])
     return [send, plan.reboot((), "deploy", kexec=kernel, name="kexec")]
-
-
-def _kernel_tar(kernel, initrd):
-    import io
-    import tarfile
-
-    buffer = io.BytesIO()
-    with tarfile.open(fileobj=buffer, mode="w") as tar:
-        tar.add(kernel, "kabin-deploy-vmlinuz")
-        tar.add(initrd, "kabin-deploy-initrd")
-    return buffer.getvalue()
 
 
 def _after_broadcast(plan):
@@ -279,7 +244,7 @@ def build_steps(macro, variant, plan):
         ("SetDeploymentEnv", "Prod"): lambda: _deploy_env_setup(plan),
         ("BroadcastEnv", "Chain"): lambda: [plan.send_environment("chain"), *_after_broadcast(plan)],
         ("BroadcastEnv", "Tree"): lambda: [plan.send_environment("tree"), *_after_broadcast(plan)],
-        ("BroadcastEnv", "Custom"): lambda: [plan.remote("send_environment", lambda r: None),
+        ("BroadcastEnv", "Custom"): lambda: [nothing("send_environment"),
                                              *_after_broadcast(plan)],
         ("BootNewEnv", "Kexec"): lambda: [plan.switch_pxe("local", local), plan.mount_deploy_part(),
                                           plan.kexec_env()],

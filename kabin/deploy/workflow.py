@@ -9,7 +9,6 @@ every run is stored in the deployment log.
 
 import logging
 import queue
-import shlex
 import threading
 import time
 from dataclasses import dataclass, field
@@ -37,7 +36,7 @@ class Options:
     description: str | None = None         # -a DESC.yml (anonymous environment)
     partition: int | None = None           # -p
     block_device: str | None = None        # -b
-    ssh_keys: bytes | None = None          # -k: authorized_keys content for the deployed system
+    ssh_key_file: str | None = None        # -k: keys for root's authorized_keys on the system
     reformat_tmp: str | None = None        # -r FS
     custom_steps: dict = field(default_factory=dict)
     breakpoint: tuple | None = None        # (macro, micro or None)
@@ -245,20 +244,12 @@ class Deployment:
         return result
 
     def pipeline(self, nodes, config_dir):
-        """The equivalent shell pipeline of ka-* commands (first variant of each macro-step)."""
-        from .. import nodes as nodeset
+        """The deployment as a shell script of ka-* commands (see ``script``)."""
+        from . import script
 
-        lines = []
-        for name, (members, macros) in self.plans(nodes).items():
-            shells = [step.shell for variants in macros for step in variants[0].steps
-                      if step.shell]
-            shells[0] += f" -m {shlex.quote(nodeset.fold(members))}"
-            shells.append(f"ka-stats record --operation deploy --env {shlex.quote(self.env.spec)}")
-            lines.append(f"# cluster {name}: " + ", ".join(
-                f"{v[0].macro} {v[0].type}" for v in macros) + " (no fallback variants, no replay)")
-            lines.append(f"export KABIN_CONFIG={shlex.quote(str(config_dir))}")
-            lines.append(" \\\n  | ".join(shells))
-        return "\n".join(lines) + "\n"
+        clusters = [(name, members, macros)
+                    for name, (members, macros) in self.plans(nodes).items()]
+        return script.render(config_dir, clusters, self.env.spec)
 
     def dry_run(self, items):
         """Each node's record with the variants it would go through; nothing is touched."""

@@ -7,7 +7,6 @@ node sees as /dev/sda and /dev/sdaK (device nodes in its own /dev).
 
 import logging
 import os
-import shutil
 import subprocess
 from pathlib import Path
 
@@ -126,9 +125,3 @@ def find_partition(loop, tag):
         if done.returncode == 0:
             return number
     return None
-
-
-def require_tools():
-    for tool in ("losetup", "partx", "sfdisk", "blkid"):
-        if shutil.which(tool) is None:
-            raise SystemRequirementError(f"{tool} is missing: install util-linux and fdisk")

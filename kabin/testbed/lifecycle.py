@@ -25,7 +25,7 @@ from pathlib import Path
 from .. import config as config_mod
 from ..errors import SystemRequirementError, UsageError
 from . import configgen, control, disks, faults, firmware, netns, units, vmtier
-from . import fanout as fanout_mod
+from ..parallel import Executor
 from . import layout as layout_mod
 from . import node as node_mod
 from .layout import Layout
@@ -231,7 +231,7 @@ def _build(lay, state, params):
         node_mod.prepare_node(lay, index, loop, cfg.server.deploy_marker_port)
         return loop
 
-    loops = fanout_mod.run_all(make_node, range(lay.size))
+    loops = Executor(16).map(make_node, range(lay.size), timeout=300)
     state["loops"] = {lay.node_name(i): loop for i, loop in enumerate(loops)}
     write_state(lay, state)
     if lay.netns:

@@ -15,7 +15,7 @@ import logging
 import subprocess
 
 from ..errors import SystemRequirementError
-from . import fanout as fanout_mod
+from ..parallel import Executor
 from . import layout as layout_mod
 
 log = logging.getLogger(__name__)
@@ -84,7 +84,7 @@ def create(lay, groups, link_rate=None, uplink_rate=None, fanout=16, vm=False):
         if link_rate:
             _batch("tc", node_ns, [f"qdisc add dev eth0 root {tbf(link_rate)}"])
 
-    fanout_mod.run_all(configure, nodes, fanout)
+    Executor(fanout).map(configure, nodes, timeout=300)
 
 
 # With br_netfilter loaded (docker, some distributions), every frame a bridge forwards

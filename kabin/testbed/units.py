@@ -27,10 +27,3 @@ def parse_rate(text):
     if bits < 8000:
         raise UsageError(f"rate {text!r} is too low: at least 8kbit")
     return bits
-
-
-def format_rate(bits):
-    for unit, factor in (("gbit", 10**9), ("mbit", 10**6), ("kbit", 10**3)):
-        if bits % factor == 0:
-            return f"{bits // factor}{unit}"
-    return f"{bits}bit"

@@ -16,7 +16,8 @@ import time
 from .. import config as config_mod
 from ..errors import UsageError
 from ..reboot import port_open
-from . import bmc, bootserver, control, fanout, faults
+from ..parallel import Executor
+from . import bmc, bootserver, control, faults
 from . import supervisor as supervisor_mod
 from . import layout as layout_mod
 from .vm import Machine, MachineSpec
@@ -114,7 +115,7 @@ class VmSupervisor:
                 rec["faults"] = sorted(machine.faults)
             return rec
 
-        return fanout.run_all(record, list(names), fanout=16, timeout=60)
+        return Executor(16).map(record, names, timeout=60)
 
     def wait(self, names, want, timeout):
         """Wait (probing every second, at most ``timeout`` s) until every node of ``names``
