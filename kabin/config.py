@@ -522,6 +522,8 @@ def _read_yaml(file):
         raise ConfigError("file not found", file) from None
     except OSError as exc:
         raise ConfigError(f"cannot read: {exc.strerror}", file) from None
+    except UnicodeDecodeError:
+        raise ConfigError("not a text (UTF-8) YAML file", file) from None
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
         where = f" at line {mark.line + 1}" if mark else ""

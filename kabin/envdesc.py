@@ -68,6 +68,10 @@ def load_file(path):
             text = handle.read()
     except OSError as exc:
         raise UsageError(f"cannot read {path}: {exc.strerror}") from None
+    except UnicodeDecodeError as exc:
+        raise InvalidDescription(str(path), None, f"not a text (UTF-8) YAML description: byte "
+                                                  f"{exc.start} is {exc.object[exc.start]:#04x}") \
+            from None
     return parse_text(text, str(path), os.path.dirname(os.path.abspath(path)))
 
 

@@ -124,13 +124,26 @@ def read_records(lines, source="<stdin>", resolve_groups=False, seen=None):
 
 def _open_lines(path, stdin):
     if path == "-":
-        yield from stdin
+        yield from _text_lines(stdin, "<stdin>")
         return
     try:
         with open(path, encoding="utf-8") as handle:
-            yield from handle
+            yield from _text_lines(handle, path)
     except OSError as exc:
         raise UsageError(f"cannot read {path}: {exc.strerror}") from None
+
+
+def _text_lines(handle, source):
+    """The lines of ``handle``; bytes that are not UTF-8 are a usage error, not a crash."""
+    lineno, binary = 0, "not UTF-8 text (node names or JSON records expected)"
+    try:
+        for lineno, line in enumerate(handle, 1):
+            line.encode("utf-8")  # a stdin decoded with surrogateescape kept the bad bytes
+            yield line
+    except UnicodeDecodeError:
+        raise InputError(binary, source, lineno + 1) from None
+    except UnicodeEncodeError:
+        raise InputError(binary, source, lineno) from None
 
 
 def input_records(nodesets=(), files=(), stdin=None, resolve_groups=False, required=True):
@@ -148,7 +161,7 @@ def input_records(nodesets=(), files=(), stdin=None, resolve_groups=False, requi
         if required:
             raise UsageError("no nodes given: use -m NODESET, -f FILE or pipe records on stdin")
         return
-    yield from read_records(stdin, "<stdin>", resolve_groups, seen)
+    yield from read_records(_text_lines(stdin, "<stdin>"), "<stdin>", resolve_groups, seen)
 
 
 def dumps(record):

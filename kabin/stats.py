@@ -384,6 +384,52 @@ def _upsert(conn, node, state, deployment, user, env, holder=(None, None, None))
         "excluded.holder_start", (node, state, deployment, user, env, time.time(), *holder))
 
 
+def refuse_held(config, items, step):
+    """Pass ``items`` on; an OK record whose node another live run holds (kadeploy) comes
+    out KO with the reason instead (what ka-reboot, ka-pxe set and ka-exec do without
+    --force). The state is read for each record as it comes: the stream keeps flowing."""
+    from . import db as db_mod
+    from . import records
+
+    with db_mod.open_database(config) as database:
+        for record in items:
+            if records.is_ok(record):
+                rows = database.query("SELECT * FROM node_states WHERE node = ?",
+                                      (record["node"],))
+                if rows and _alive(rows[0]):
+                    record = records.ko(record, step, f"{record['node']} is {_refusal(rows[0])}")
+            yield record
+
+
+def refuse_destructive(config, items, step):
+    """Pass ``items`` on; an OK record whose node runs an environment marked destructive
+    (per the node states: the last one deployed there) comes out KO (kareboot3 -c)."""
+    from . import db as db_mod
+    from . import records
+
+    with db_mod.open_database(config) as database:
+        for record in items:
+            env = _deployed_env(database, record["node"]) if records.is_ok(record) else None
+            if env and _is_destructive(database, env):
+                record = records.ko(record, step, f"{record['node']} runs {env}, an environment "
+                                                  "marked destructive (--check-destructive)")
+            yield record
+
+
+def _deployed_env(database, node):
+    rows = database.query("SELECT env FROM node_states WHERE node = ? AND state = 'deployed'",
+                          (node,))
+    return rows[0]["env"] if rows else None
+
+
+def _is_destructive(database, spec):
+    name, _, version = spec.partition("@")
+    rows = database.query("SELECT 1 FROM environments WHERE name = ? AND destructive = 1"
+                          + (" AND version = ?" if version.isdigit() else ""),
+                          (name, int(version)) if version.isdigit() else (name,))
+    return bool(rows)
+
+
 def hold_nodes(db, nodes, operation, deployment, user, env=None, force=False):
     """Mark ``nodes`` deploying/rebooting/powering for this process, atomically.
 

@@ -116,6 +116,20 @@ def load_config(opts):
     return config_mod.load(opts.get("config_dir"))
 
 
+force_option = click.option(
+    "--force", is_flag=True,
+    help="Act on nodes another live run (a kadeploy) holds; without it they end KO.")
+
+
+def read_unheld(config, opts, step):
+    """The input records; those of nodes another live run holds come out KO unless --force."""
+    items = read_input(opts)
+    if opts.get("force"):
+        return items
+    from .. import stats   # the deployment log: only the commands that change nodes read it
+    return stats.refuse_held(config, items, step)
+
+
 def read_input(opts, required=True):
     """The input records, lazily, from -m / -f / stdin."""
     return records.input_records(opts.get("nodesets", ()), opts.get("node_files", ()),

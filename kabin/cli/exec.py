@@ -32,6 +32,7 @@ from . import common
 @common.fanout_option()
 @common.timeout_option()
 @common.step_option
+@common.force_option
 @common.stream_options
 @common.command
 def cli(command, script, sends, kadeploy_env, env_spec, owner, block_device, partition, running,
@@ -52,7 +53,7 @@ def cli(command, script, sends, kadeploy_env, env_spec, owner, block_device, par
     options = options_of(command, script, sends, kadeploy_env, env_spec, owner, block_device,
                          partition, running, fanout, timeout, step)
     config = common.load_config(opts)
-    output = exec_mod.run(config, common.read_input(opts), options)
+    output = exec_mod.run(config, common.read_unheld(config, opts, options.step), options)
     if gather:
         return _write_gathered(opts, output)
     return common.emit(opts, output, columns=("rc", "stdout"))

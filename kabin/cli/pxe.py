@@ -50,11 +50,14 @@ def _run(opts, make_output):
         def make_output(config, items):
             return pxe.run(config, items, options)
     config = common.load_config(opts)
-    return common.emit(opts, make_output(config, common.read_input(opts)), COLUMNS)
+    items = (common.read_unheld(config, opts, pxe.STEP) if "force" in opts
+             else common.read_input(opts))
+    return common.emit(opts, make_output(config, items), COLUMNS)
 
 
 @set_group.command("deploy", context_settings=common.CONTEXT)
 @common.step_option
+@common.force_option
 @common.stream_options
 @common.command
 def set_deploy(step, **opts):
@@ -83,6 +86,7 @@ class _Partition(click.ParamType):
               help="Boot this partition of the first disk, or 'disk' for its MBR "
                    "(default: the cluster's deploy partition).")
 @common.step_option
+@common.force_option
 @common.stream_options
 @common.command
 def set_local(partition, step, **opts):
@@ -100,6 +104,7 @@ def set_local(partition, step, **opts):
 @click.option("--params", default="", metavar="TEXT",
               help="More kernel parameters (after the cluster's user params and the env's).")
 @common.step_option
+@common.force_option
 @common.stream_options
 @common.command
 def set_netboot(env_spec, owner, kernel, initrd, params, step, **opts):
@@ -123,6 +128,7 @@ def set_netboot(env_spec, owner, kernel, initrd, params, step, **opts):
 @click.option("--template", "template_file", required=True, metavar="FILE",
               help="The profile template; placeholders {{ name }} get each node's values.")
 @common.step_option
+@common.force_option
 @common.stream_options
 @common.command
 def set_custom(template_file, step, **opts):

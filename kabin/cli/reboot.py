@@ -62,6 +62,7 @@ _TIMING = (
                          "power on/off, whose commands the reboot window bounds; the config's "
                          "fanout for status)."),
     common.step_option,
+    common.force_option,
 )
 
 
@@ -73,12 +74,12 @@ def _timing_options(fn):
 
 def _pop_timing(opts):
     return {k: opts.pop(k) for k in ("boot_timeout", "deadline", "command_timeout", "running",
-                                     "fanout", "step")}
+                                     "fanout", "step")}  # --force stays in opts
 
 
 def _options(levels, wait, default_wait, timing):
     return reboot_mod.Options(
-        levels=reboot_mod.parse_levels(levels) if levels else None,
+        levels=reboot_mod.parse_levels(levels) if levels is not None else None,
         wait=wait or default_wait,
         **timing,
     )
@@ -104,17 +105,23 @@ def _check_levels(config, operation, names):
               help="Reboot by kexec into KERNEL (a path on the node), before any --level.")
 @click.option("--initrd", metavar="FILE", help="With --kexec: the initrd (a path on the node).")
 @click.option("--append", metavar="PARAMS", help="With --kexec: the kernel command line.")
+@click.option("-c", "--check-destructive", is_flag=True,
+              help="Refuse (KO) nodes whose deployed environment is marked destructive.")
 @_timing_options
 @common.stream_options
 @common.command
-def reboot_command(levels, wait, kernel, initrd, append, **opts):
+def reboot_command(levels, wait, kernel, initrd, append, check_destructive, **opts):
     """Reboot the OK nodes; a node moves to the next level when the command fails or when it
     does not go down and come back in time. The record's 'level' names the level that worked.
     """
     options = reboot_options(levels, wait, kernel, initrd, append, **_pop_timing(opts))
     config = common.load_config(opts)
     _check_levels(config, "reboot", options.levels)
-    output = reboot_mod.run(config, common.read_input(opts), options)
+    items = common.read_unheld(config, opts, options.step_name)
+    if check_destructive:
+        from .. import stats
+        items = stats.refuse_destructive(config, items, options.step_name)
+    output = reboot_mod.run(config, items, options)
     return common.emit(opts, output, columns=("level",))
 
 
@@ -133,9 +140,12 @@ def power_command(action, levels, wait, **opts):
     """
     options = power_options(action, levels, wait, **_pop_timing(opts))
     config = common.load_config(opts)
-    if action != "status":
+    if action == "status":           # reading the power changes nothing
+        items = common.read_input(opts)
+    else:
         _check_levels(config, options.operation, options.levels)
-    output = reboot_mod.run(config, common.read_input(opts), options)
+        items = common.read_unheld(config, opts, options.step_name)
+    output = reboot_mod.run(config, items, options)
     return common.emit(opts, output, columns=("power", "level"))
 
 
