@@ -93,6 +93,15 @@ MIGRATIONS = (
         holder_start TEXT                   -- boot id + process start time: survives pid reuse
     );
     """,
+    """
+    CREATE TABLE rights (                   -- who may deploy what (ka-rights)
+        user        TEXT NOT NULL,
+        node        TEXT NOT NULL,
+        part        TEXT NOT NULL,          -- a partition number, or '*': any
+        granted     REAL NOT NULL,
+        PRIMARY KEY (user, node, part)
+    );
+    """,
 )
 SCHEMA_VERSION = len(MIGRATIONS)
 

@@ -68,8 +68,11 @@ class PermissionDenied(UsageError):
 
 
 def current_user():
-    """The calling Unix user's name (real uid): the owner of what this process adds."""
+    """The requesting user: the one sudo ran kabin for ($SUDO_USER, when root runs it), else
+    the calling Unix user (real uid). It owns what it adds; root without sudo is the admin."""
     uid = os.getuid()
+    if uid == 0 and os.environ.get("SUDO_USER"):
+        return os.environ["SUDO_USER"]
     try:
         return pwd.getpwuid(uid).pw_name
     except KeyError:

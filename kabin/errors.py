@@ -47,6 +47,12 @@ class EnvironmentNotFound(KabinError):
     exit_code = EXIT_CONFIG
 
 
+class RightsError(KabinError):
+    """The requesting user may not act on some of the nodes: nothing was done."""
+
+    exit_code = EXIT_CONFIG
+
+
 class DatabaseError(KabinError):
     exit_code = EXIT_CONFIG
 

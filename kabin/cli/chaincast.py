@@ -73,7 +73,7 @@ def cli(env_spec, owner, image_file, kind, compression, dest, store, method, tre
                          tree_fanout, order, stall_timeout, timeout, max_rate, ring_size, verify,
                          step)
     config = common.load_config(opts)
-    output = chaincast.run(config, common.read_input(opts), options)
+    output = chaincast.run(config, common.read_permitted(config, opts), options)
     return common.emit(opts, output, columns=("bytes", "sha256"))
 
 

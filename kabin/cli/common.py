@@ -121,9 +121,25 @@ force_option = click.option(
     help="Act on nodes another live run (a kadeploy) holds; without it they end KO.")
 
 
-def read_unheld(config, opts, step):
-    """The input records; those of nodes another live run holds come out KO unless --force."""
+def read_permitted(config, opts, part=None):
+    """The input records, once the requesting user's rights cover every OK node (else a
+    RightsError before any work). The administrator's stream is not read ahead."""
+    from .. import db, envs, rights
+
     items = read_input(opts)
+    user = envs.current_user()
+    if envs.is_admin(user):
+        return items
+    items = list(items)
+    with db.open_database(config) as database:
+        rights.check(database, user, [r["node"] for r in items if records.is_ok(r)], part)
+    return iter(items)
+
+
+def read_unheld(config, opts, step, items=None):
+    """The input records (``items``, else read now); those of nodes another live run holds
+    come out KO unless --force."""
+    items = read_permitted(config, opts) if items is None else items
     if opts.get("force"):
         return items
     from .. import stats   # the deployment log: only the commands that change nodes read it

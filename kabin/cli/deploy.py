@@ -91,15 +91,24 @@ def cli(**opts):
 
     config = common.load_config(opts)
     deployment = workflow.Deployment(config, _options(opts))
-    items = common.read_input(opts)
-    if opts["print_pipeline"]:
-        nodes = [r["node"] for r in items]
+    if opts["print_pipeline"]:       # prints, acts on nothing: no rights needed
+        nodes = [r["node"] for r in common.read_input(opts)]
         sys.stdout.write(deployment.pipeline(nodes, config.dir))
         return EXIT_OK
+    items = common.read_permitted(config, opts, part=lambda node: _partition(config, node, opts))
     if opts["dry_run"]:
         return common.emit(opts, deployment.dry_run(items))
     code = common.emit(opts, deployment.run(items), columns=("duration", "variant"))
     return code if code == EXIT_OK else EXIT_KO
+
+
+def _partition(config, node, opts):
+    """The partition a deployment writes on ``node`` (None for a node the config lacks: the
+    deployment makes it KO)."""
+    if opts["partition"]:
+        return opts["partition"]
+    known = config.nodes.get(node)
+    return known and config.clusters[known.cluster].partitioning.partitions["deploy"]
 
 
 main = common.entry_point(cli, "kadeploy")

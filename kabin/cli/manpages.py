@@ -16,7 +16,7 @@ import click
 PROGRAMS = {
     "ka-pxe": "pxe", "ka-reboot": "reboot", "ka-exec": "exec", "ka-chaincast": "chaincast",
     "ka-env": "env", "ka-stats": "stats", "kadeploy": "deploy", "ka-testbed": "testbed",
-    "ka-deployenv": "deployenv",
+    "ka-deployenv": "deployenv", "ka-rights": "rights",
 }
 BEGIN = '.\\" BEGIN GENERATED OPTIONS\n'
 END = '.\\" END GENERATED OPTIONS\n'

@@ -140,7 +140,7 @@ def power_command(action, levels, wait, **opts):
     """
     options = power_options(action, levels, wait, **_pop_timing(opts))
     config = common.load_config(opts)
-    if action == "status":           # reading the power changes nothing
+    if action == "status":           # reading the power changes nothing: no rights needed
         items = common.read_input(opts)
     else:
         _check_levels(config, options.operation, options.levels)
