@@ -73,9 +73,9 @@ class Options:
     content; ``script_file`` the local file it came from (what ``--script``
     names). ``kadeploy_env`` exports the KADEPLOY_* variables; ``env`` (a name,
     ``NAME@VERSION``, or a description mapping) is the environment they
-    describe (default: the record's ``env``), ``owner`` its owner; ``block_device`` and ``partition``
-    override the cluster's. ``running``: what the nodes run now (deploy or
-    system), which picks the known-hosts file.
+    describe (default: the record's ``env``), ``owner`` its owner;
+    ``block_device`` and ``partition`` override the cluster's. ``running``: what
+    the nodes run now (deploy or system), which picks the known-hosts file.
     """
 
     command: str | None = None

@@ -65,8 +65,9 @@ def _options(opts):
 @click.option("--disable-bootloader-install", is_flag=True, help="Do not install a bootloader.")
 @click.option("--force", is_flag=True, help="Take over nodes another run is deploying.")
 @click.option("--dry-run", is_flag=True, help="Check everything and show the plan; touch nothing.")
-@click.option("--print-pipeline", is_flag=True, help="Print the deployment as a shell script of ka-* commands (every "
-                   "variant, retries, timeouts, the fallback) and stop.")
+@click.option("--print-pipeline", is_flag=True,
+              help="Print the deployment as a shell script of ka-* commands (every variant, "
+                   "retries, timeouts, the fallback) and stop.")
 @click.option("-d", "--node-debug", is_flag=True,
               help="Keep each node's commands, outputs and exit codes in its record (debug).")
 @click.option("-V", "--verbose-level", type=click.IntRange(0, 5), default=None,

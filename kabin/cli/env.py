@@ -5,6 +5,7 @@ Lookup: your own environments, then public ones; shared ones need -u OWNER;
 the latest version unless --version N (or NAME@N).
 """
 
+import functools
 import sys
 
 import click
@@ -30,18 +31,7 @@ def cli():
     """
 
 
-def _subcommand(*decorators, rows=True, name=None):
-    """A ka-env subcommand: config and verbosity options (and --format when it prints rows)."""
-    def apply(fn):
-        fn = common.command(fn)
-        extra = (tabular.format_option,) if rows else ()
-        for decorator in reversed((*decorators, *extra, common.config_option,
-                                   common.verbosity_options)):
-            fn = decorator(fn)
-        return cli.command(name, context_settings=common.CONTEXT)(fn)
-    return apply
-
-
+_subcommand = functools.partial(tabular.subcommand, cli)   # a ka-env subcommand
 owner_option = click.option("-u", "--owner", metavar="USER",
                             help="The environment's owner (default: you; needed for shared ones).")
 version_option = click.option("--version", "version", type=click.IntRange(1), metavar="N",

@@ -30,17 +30,6 @@ def cli():
     """
 
 
-def _subcommand(name, *decorators, rows=False):
-    def apply(fn):
-        fn = common.command(fn)
-        extra = (tabular.format_option,) if rows else ()
-        for decorator in reversed((*decorators, *extra, common.config_option,
-                                   common.verbosity_options)):
-            fn = decorator(fn)
-        return cli.command(name, context_settings=common.CONTEXT)(fn)
-    return apply
-
-
 def _user_option(required):
     return click.option("-u", "--user", "user", required=required, metavar="USER",
                         help="The user whose rights these are.")
@@ -56,7 +45,8 @@ def _nodes(nodesets):
     return [name for pattern in nodesets for name in nodes.expand(pattern)]
 
 
-@_subcommand("add", _user_option(True), machines_option, part_option)
+@tabular.subcommand(cli, _user_option(True), machines_option, part_option, rows=False,
+                    name="add")
 def add(user, nodesets, part, **opts):
     """Grant USER the nodes (on one partition, or any)."""
     if not nodesets:
@@ -66,7 +56,8 @@ def add(user, nodesets, part, **opts):
     progress.info("%d right(s) granted to %s", added, user)
 
 
-@_subcommand("delete", _user_option(True), machines_option, part_option)
+@tabular.subcommand(cli, _user_option(True), machines_option, part_option, rows=False,
+                    name="delete")
 def delete(user, nodesets, part, **opts):
     """Revoke USER's rights on the nodes (all of USER's without -m)."""
     with db_mod.open_database(common.load_config(opts)) as database:
@@ -75,7 +66,7 @@ def delete(user, nodesets, part, **opts):
     progress.info("%d right(s) of %s revoked", removed, user)
 
 
-@_subcommand("list", _user_option(False), machines_option, rows=True)
+@tabular.subcommand(cli, _user_option(False), machines_option, name="list")
 def list_rights(user, nodesets, **opts):
     """The rights (of USER, on the nodes), one row per user, node and partition."""
     with db_mod.open_database(common.load_config(opts)) as database:

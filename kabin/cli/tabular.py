@@ -63,3 +63,16 @@ def write_rows(rows, columns, fmt=None, flatten=None, stream=None):
     elif flat:
         stream.write(records.format_table(flat, columns) + "\n")
     stream.flush()
+
+
+def subcommand(group, *decorators, rows=True, name=None):
+    """A subcommand of ``group`` with ``decorators``, the config and verbosity options, and
+    --format when it prints rows (ka-env, ka-rights)."""
+    def apply(fn):
+        fn = common.command(fn)
+        extra = (format_option,) if rows else ()
+        for decorator in reversed((*decorators, *extra, common.config_option,
+                                   common.verbosity_options)):
+            fn = decorator(fn)
+        return group.command(name, context_settings=common.CONTEXT)(fn)
+    return apply
