@@ -115,6 +115,23 @@ class Executor:
             raise feed_error[0]
 
 
+    def imap(self, fn, items, timeout):
+        """``(item, result, error)`` for each item as ``fn(item)`` completes, ``fanout`` at
+        once; the wait for them ends after ``timeout`` seconds (the rest are not yielded)."""
+        done = queue.SimpleQueue()
+        items = list(items)
+
+        def feed():
+            for item in items:
+                self.submit(fn, item, on_done=lambda value, exc, i=item: done.put((i, value, exc)))
+        threading.Thread(target=feed, daemon=True, name="kabin-feed").start()
+        deadline = Deadline(timeout)
+        for _ in items:
+            try:
+                yield done.get(timeout=deadline.remaining())
+            except queue.Empty:
+                return
+
     def map(self, fn, items, timeout):
         """``fn(item)`` for every item, ``fanout`` at once; the results in input order.
 

@@ -455,25 +455,16 @@ class Power:
         names = list(dict.fromkeys(names))
         deadline = Deadline(timeout)
         executor = parallel.Executor(fanout or self.config.server.fanout)
-        done = queue.SimpleQueue()
-
-        def feed():
-            for name in names:
-                executor.submit(self.result, name, action, operation, deadline,
-                                on_done=lambda value, exc, n=name: done.put(
-                                    value if exc is None else _internal_error(n, exc)))
-        threading.Thread(target=feed, daemon=True, name="kabin-power-feed").start()
         pending = set(names)
         try:
-            while pending:
-                try:
-                    result = done.get(timeout=deadline.remaining() + self.ipmi.timeout + 1.0)
-                except queue.Empty:
-                    break
-                pending.discard(result.node)
-                yield result
+            for name, result, exc in executor.imap(
+                    lambda n: self.result(n, action, operation, deadline), names,
+                    timeout + self.ipmi.timeout + 1.0):
+                pending.discard(name)
+                yield result if exc is None else _internal_error(name, exc)
         except GeneratorExit:  # the consumer gave up: start no more actions
             self.stop.set()
+            executor.stop.set()
             raise
         for name in sorted(pending):  # only if a backend overran its own bounds
             yield PowerResult(name, False, None, "no result before the deadline", timeout)

@@ -55,3 +55,19 @@ def test_map_records_passes_ko_records_through_and_fails_a_node_on_error():
     out = {r["node"]: r for r in Executor(4).map_records(items, work, "step")}
     assert out["a"]["status"] == "ok" and out["x"]["error"] == "down"
     assert out["b"]["status"] == "ko" and "internal error: RuntimeError: boom" in out["b"]["error"]
+
+
+def test_imap_yields_as_they_complete_and_stops_waiting_at_its_timeout():
+    slow = threading.Event()
+
+    def work(n):
+        if n == "slow":
+            slow.wait(5)
+        if n == "bad":
+            raise ValueError("bad")
+        return n.upper()
+
+    out = list(Executor(4).imap(work, ["a", "slow", "bad", "b"], timeout=1.0))
+    slow.set()
+    assert sorted((i, v) for i, v, e in out if e is None) == [("a", "A"), ("b", "B")]
+    assert [(i, str(e)) for i, _, e in out if e is not None] == [("bad", "bad")]
