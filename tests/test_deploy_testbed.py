@@ -1,14 +1,14 @@
 """kadeploy end to end on the testbed: real reboots, real chain broadcast, real faults."""
 
 import json
-import os
 import signal
 import socket
 import subprocess
 import time
 
 import pytest
-import yaml
+
+from deploy_support import kadeploy, macro_entries, padded_env, reset
 
 pytestmark = pytest.mark.testbed
 
@@ -28,29 +28,6 @@ def back_to_deploy_env(bed):
     """Each test starts from nodes in the deployment environment and leaves them so."""
     yield
     reset(bed)
-
-
-def reset(bed):
-    bed.clear()
-    subprocess.run(["ka-pxe", "set", "deploy", "-m", "node-[1-8]", "--format", "json"],
-                   env=bed.env, check=True, capture_output=True, timeout=60)
-    for node in bed.nodes:
-        bed.power(node, "cycle")
-    bed.wait_booted(bed.nodes, "deploy", timeout=90)
-    # no system left on the disks: no active partition, no file system on the deploy one
-    subprocess.run(["ka-exec", "-m", "node-[1-8]", "--format", "json", "--",
-                    "sfdisk --quiet --activate /dev/sda - && wipefs -q -a /dev/sda3"],
-                   env=bed.env, check=True, capture_output=True, timeout=120)
-
-
-def kadeploy(bed, *args, timeout=400):
-    done = subprocess.run(["kadeploy", "--format", "json", *args], env=bed.env, text=True,
-                          capture_output=True, timeout=timeout)
-    return done, {r["node"]: r for r in map(json.loads, done.stdout.splitlines())}
-
-
-def macro_entries(record, macro):
-    return [h for h in record["history"] if h["step"] == macro and "variant" in h]
 
 
 def port_open(address, port):
@@ -100,24 +77,6 @@ def test_dead_bmc_and_dead_ssh_node_ends_ko_with_the_reason(bed):
     assert out["node-3"]["status"] == "ko" and out["node-3"]["error"]
     assert {n: r["status"] for n, r in out.items() if n != "node-3"} == \
         {"node-1": "ok", "node-2": "ok", "node-4": "ok"}
-
-
-def padded_env(bed, tmp_path, megabytes):
-    """An anonymous environment: testenv-tzst plus ``megabytes`` of random data (so that a
-    transfer lasts long enough for the testbed to see a node's byte count grow)."""
-    desc = yaml.safe_load(subprocess.run(["ka-env", "show", "testenv-tzst"], env=bed.env,
-                                         text=True, capture_output=True, check=True).stdout)
-    pad = tmp_path / "pad"
-    pad.mkdir()
-    (pad / "padding").write_bytes(os.urandom(megabytes << 20))
-    plain = tmp_path / "padded.tar"
-    subprocess.run(["zstd", "-q", "-d", desc["image"]["file"], "-o", str(plain)], check=True)
-    subprocess.run(["tar", "-rf", str(plain), "-C", str(pad), "padding"], check=True)
-    subprocess.run(["zstd", "-q", "--rm", str(plain)], check=True)
-    desc.update(name="padded", image=dict(desc["image"], file=f"{plain}.zst"))
-    path = tmp_path / "padded.yml"
-    path.write_text(yaml.safe_dump(desc))
-    return path
 
 
 def test_node_dying_during_the_broadcast_is_ko_the_others_ok(bed, tmp_path):

@@ -175,9 +175,11 @@ def test_power_off_status_on(up):
 
 def test_power_status_of_a_dead_bmc_is_a_ko(up):
     up.fault("node-3", "bmc-dead")
-    code, out, _ = ka_reboot(up, "power", "status", "-m", "node-[2-3]", "--command-timeout", "2")
+    # the dead BMC costs the whole command timeout; the live one must answer within it
+    # even on a loaded machine (2 s was once too short for node-2 in CI)
+    code, out, _ = ka_reboot(up, "power", "status", "-m", "node-[2-3]", "--command-timeout", "6")
     assert code == 1
-    assert out["node-2"]["power"] == "on"
+    assert out["node-2"].get("power") == "on", out["node-2"]
     assert out["node-3"]["status"] == "ko" and "no answer" in out["node-3"]["error"]
 
 
