@@ -15,6 +15,7 @@ import subprocess
 import pytest
 from deploy_support import kadeploy_faulted_at, padded_env, reset
 
+from kabin import stats
 from kabin.testbed.instance import Testbed
 
 pytestmark = pytest.mark.testbed
@@ -91,7 +92,7 @@ def leftovers(bed):
     states = subprocess.run(["ka-stats", "nodes", "--format", "json"], env=bed.env, text=True,
                             capture_output=True, check=True).stdout
     held = {r["node"]: r["state"] for r in map(json.loads, states.splitlines())
-            if r["state"] in ("deploying", "rebooting", "powering")}
+            if r["state"] in stats.IN_PROGRESS}
     return [p for p in procs if "pgrep" not in p], held
 
 
