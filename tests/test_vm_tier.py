@@ -234,13 +234,20 @@ def test_ipxe_local_boot_chains_the_disks_grub_on_both_firmwares(ipxe_vms):
     assert all("Booting `kabin local'" in text for text in seen.values())
 
 
-def test_a_removed_disk_fails_every_io(ipxe_vms):
-    before = ipxe_vms.ssh("node-1", "dd if=/dev/vda of=/dev/null bs=4096 count=1 iflag=direct")
+def test_a_removed_disk_fails_every_io_until_it_is_plugged_back(ipxe_vms):
+    def read_first_block():
+        return ipxe_vms.ssh("node-1", "dd if=/dev/vda bs=4096 count=1 iflag=direct | sha256sum")
+    before = read_first_block()
     assert before.returncode == 0, before.stderr
     ipxe_vms.fault("node-1", "disk-removed")
-    after = ipxe_vms.ssh("node-1", "dd if=/dev/vda of=/dev/null bs=4096 count=1 iflag=direct")
-    assert after.returncode != 0
-    assert "I/O error" in after.stderr or "Input/output error" in after.stderr, after.stderr
+    pulled = ipxe_vms.ssh("node-1", "dd if=/dev/vda of=/dev/null bs=4096 count=1 iflag=direct")
+    assert pulled.returncode != 0
+    assert "I/O error" in pulled.stderr or "Input/output error" in pulled.stderr, pulled.stderr
+    written = ipxe_vms.ssh("node-1", "dd if=/dev/zero of=/dev/vda4 bs=4096 count=1 oflag=direct")
+    assert written.returncode != 0, written.stderr
+    ipxe_vms.clear("node-1")
+    after = read_first_block()
+    assert (after.returncode, after.stdout) == (0, before.stdout), after.stderr
 
 
 def test_down_after_a_crash_removes_every_part(ipxe_vms):

@@ -22,8 +22,8 @@ slow-link=RATE         its link is shaped to RATE both ways (netns tier only)
 firmware-hang          (VM tier) the machine's firmware finds no boot device at its
                        next boots and waits there
 link-down              (VM tier) its NIC loses its carrier
-disk-removed           (VM tier) its disk's backend is removed: every I/O fails
-                       (clear: the disk comes back at the next 'ka-testbed up')
+disk-removed           (VM tier) its disk is pulled: every I/O fails; clear: it is
+                       plugged back, with what it held
 =====================  ==============================================================
 
 A fault stays until cleared (``ka-testbed fault NODE clear``).

@@ -13,9 +13,10 @@ itself off stays in QEMU's ``shutdown`` state (``-no-shutdown``), which is off.
 - The NIC (virtio or e1000) is on a tap of the testbed's bridge, with the MAC
   of clusters.yml; the serial console is appended to ``console.log``.
 - Faults: ``firmware-hang`` (the firmware is told to boot only the empty CD
-  drive, strictly: SeaBIOS stops at "No bootable device", OVMF in its shell), ``link-down`` (the NIC loses its carrier), ``disk-removed``
-  (the disk's backend is gone: every I/O fails, as with a pulled disk);
-  ``bmc-dead`` and ``bmc-lies`` are the BMC's (bmc.py).
+  drive, strictly: SeaBIOS stops at "No bootable device", OVMF in its shell),
+  ``link-down`` (the NIC loses its carrier), ``disk-removed`` (every I/O of the
+  disk fails, as with a pulled disk, until the fault is cleared); ``bmc-dead``
+  and ``bmc-lies`` are the BMC's (bmc.py). Each is cleared live.
 
 Every method returns quickly: the BMC thread calls them (see bmc.py).
 """
@@ -44,6 +45,9 @@ NIC_MODELS = {"virtio": "virtio-net-pci", "e1000": "e1000"}
 DISK_BUSES = ("virtio", "sata")
 ON_STATES = ("running", "debug", "suspended", "io-error", "watchdog", "guest-panicked")
 VM_FAULTS = ("firmware-hang", "link-down", "disk-removed")
+DISK_NODE, IMAGE_NODE, PULLED_NODE = "drive0", "drive0-image", "drive0-pulled"
+DISK_ERRORS = "werror=report,rerror=report"     # the guest sees I/O errors, QEMU does not pause
+EIO = 5
 _ANSI = re.compile(r"\x1b\[[0-9;?]*[A-Za-z]|\x1b[()][A-Za-z0-9]|[\x00-\x08\x0b-\x1f]")
 
 
@@ -97,15 +101,19 @@ def argv(spec, qmp_fd):
             "-boot", "strict=on",
             "-netdev", f"tap,id=net0,ifname={spec.tap},script=no,downscript=no",
             "-device", f"{NIC_MODELS[spec.nic]},id=nic0,netdev=net0,mac={spec.mac},bootindex=1",
-            "-drive", f"if=none,id=drive0,file={spec.disk},format={spec.disk_format},"
-                      "cache=unsafe,werror=report,rerror=report",
+            # the disk's nodes: file, its format, and on top the device's (raw, a pass-through)
+            # whose image the disk-removed fault swaps for a failing one (Machine.set_faults)
+            "-blockdev", f"driver=file,node-name=drive0-file,filename={spec.disk},"
+                         "cache.no-flush=on",
+            "-blockdev", f"driver={spec.disk_format},node-name={IMAGE_NODE},file=drive0-file",
+            "-blockdev", f"driver=raw,node-name={DISK_NODE},file={IMAGE_NODE}",
             # an empty CD drive, as many servers have: what a hung firmware tries to boot
             "-device", "ide-cd,id=cd0,bus=ide.1"]
     if spec.disk_bus == "virtio":
-        args += ["-device", "virtio-blk-pci,id=disk0,drive=drive0,bootindex=2"]
+        args += ["-device", f"virtio-blk-pci,id=disk0,drive={DISK_NODE},{DISK_ERRORS},bootindex=2"]
     else:
         args += ["-device", "ahci,id=ahci0", "-device", "ide-hd,id=disk0,bus=ahci0.0,"
-                 "drive=drive0,bootindex=2"]
+                 f"drive={DISK_NODE},{DISK_ERRORS},bootindex=2"]
     if spec.firmware == "uefi":
         args += ["-drive", f"if=pflash,format=raw,unit=0,readonly=on,file={OVMF_CODE}",
                  "-drive", f"if=pflash,format=raw,unit=1,file={spec.uefi_vars}"]
@@ -236,19 +244,36 @@ class Machine:
     # ------------------------------------------------ faults
 
     def set_faults(self, names):
-        """Apply the VM faults of ``names`` (a set of fault names, BMC ones included).
-
-        A removed disk stays removed (QEMU cannot plug its backend back into a
-        running machine): it comes back when the instance is brought up again."""
+        """Apply the VM faults of ``names`` (a set of fault names, BMC ones included)."""
         names = frozenset(names)
-        if "disk-removed" in self.faults:
-            names |= {"disk-removed"}
         with self._lock:
             if ("link-down" in names) != ("link-down" in self.faults):
                 self.qmp.execute("set_link", name="nic0", up="link-down" not in names)
-            if "disk-removed" in names and "disk-removed" not in self.faults:
-                self.qmp.hmp("drive_del drive0")
+            if ("disk-removed" in names) != ("disk-removed" in self.faults):
+                self._pull_disk() if "disk-removed" in names else self._plug_disk()
             self.faults = names
+
+    def _pull_disk(self):
+        """The device's node reads and writes a disk whose every I/O fails (blkdebug
+        injecting EIO over a null disk of the same size), as a pulled disk would."""
+        size = next(node["image"]["virtual-size"]
+                    for node in self.qmp.execute("query-named-block-nodes")
+                    if node["node-name"] == IMAGE_NODE)
+        events = ("read_aio", "write_aio", "flush_to_disk")
+        self.qmp.execute("blockdev-add", **{
+            "driver": "blkdebug", "node-name": PULLED_NODE,
+            "image": {"driver": "null-co", "size": size},
+            "inject-error": [{"event": event, "errno": EIO, "once": False} for event in events]})
+        self._reopen_disk(PULLED_NODE)
+
+    def _plug_disk(self):
+        """The disk is back, with what it held (writes made while it was out are lost)."""
+        self._reopen_disk(IMAGE_NODE)
+        self.qmp.execute("blockdev-del", **{"node-name": PULLED_NODE})
+
+    def _reopen_disk(self, image):
+        self.qmp.execute("blockdev-reopen", options=[{"driver": "raw", "node-name": DISK_NODE,
+                                                      "file": image}])
 
     # ------------------------------------------------ what it shows
 
