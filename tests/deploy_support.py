@@ -9,7 +9,10 @@ import threading
 import pytest
 import yaml
 
+from kabin import stats
 from kabin.testbed.instance import exec_argv
+
+KABIN_PROCESSES = "kabin-chaincast|/(kadeploy|ka-exec|ka-reboot|ka-pxe|ka-chaincast)( |$)"
 
 
 def on_frontend(bed, *argv, **kwargs):
@@ -93,3 +96,14 @@ def padded_env(bed, tmp_path, megabytes):
     path = tmp_path / "padded.yml"
     path.write_text(yaml.safe_dump(desc))
     return path
+
+
+def leftovers(bed):
+    """kabin processes still running (here or on the nodes) and nodes still held."""
+    procs = subprocess.run(["pgrep", "-af", KABIN_PROCESSES], capture_output=True,
+                           text=True).stdout.splitlines()
+    states = subprocess.run(["ka-stats", "nodes", "--format", "json"], env=bed.env, text=True,
+                            capture_output=True, check=True).stdout
+    held = {r["node"]: r["state"] for r in map(json.loads, states.splitlines())
+            if r["state"] in stats.IN_PROGRESS}
+    return [p for p in procs if "pgrep" not in p], held

@@ -5,17 +5,15 @@ the moment the macro-step starts (kadeploy's stderr says "MACRO-Variant: N node(
 in"; kadeploy is stopped with SIGSTOP while the faults go in, so that none misses
 the step). Whatever the fault, the run must end within the sum of its variants'
 timeouts, every node OK or KO with a reason, no node left held, no relay or
-command left running. (The VM tier's own faults: tests/test_vm_tier.py.)
+command left running. (The VM tier's own faults: tests/test_vm_faults.py.)
 """
 
-import json
 import os
 import subprocess
 
 import pytest
-from deploy_support import kadeploy_faulted_at, padded_env, reset
+from deploy_support import kadeploy_faulted_at, leftovers, padded_env, reset
 
-from kabin import stats
 from kabin.testbed.instance import Testbed
 
 pytestmark = pytest.mark.testbed
@@ -39,8 +37,6 @@ FORCE_STEPS = "&".join(f"{macro}|" + ",".join(f"{kind}:{timeout}:{retries}"
 # what kadeploy may take at most: every variant to its timeout, plus its own start and end
 DEADLINE = sum(timeout * (retries + 1) for variants in VARIANTS.values()
                for _, timeout, retries in variants) + 60
-
-KABIN_PROCESSES = "kabin-chaincast|/(kadeploy|ka-exec|ka-reboot|ka-pxe|ka-chaincast)( |$)"
 
 # (macro-step, node) -> the outcome that follows from the fault (the others: OK or KO)
 EXPECTED = {
@@ -83,17 +79,6 @@ def bed():
 @pytest.fixture(scope="module")
 def image(bed, tmp_path_factory):
     return padded_env(bed, tmp_path_factory.mktemp("matrix"), 24)
-
-
-def leftovers(bed):
-    """kabin processes still running (here or on the nodes) and nodes still held."""
-    procs = subprocess.run(["pgrep", "-af", KABIN_PROCESSES], capture_output=True,
-                           text=True).stdout.splitlines()
-    states = subprocess.run(["ka-stats", "nodes", "--format", "json"], env=bed.env, text=True,
-                            capture_output=True, check=True).stdout
-    held = {r["node"]: r["state"] for r in map(json.loads, states.splitlines())
-            if r["state"] in stats.IN_PROGRESS}
-    return [p for p in procs if "pgrep" not in p], held
 
 
 @pytest.mark.parametrize("macro", list(VARIANTS))

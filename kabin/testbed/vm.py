@@ -259,11 +259,13 @@ class Machine:
         size = next(node["image"]["virtual-size"]
                     for node in self.qmp.execute("query-named-block-nodes")
                     if node["node-name"] == IMAGE_NODE)
-        events = ("read_aio", "write_aio", "flush_to_disk")
+        # reads and writes, not flushes: plugging the disk back flushes the pulled one
+        rules = [{"event": event, "iotype": iotype, "errno": EIO, "once": False}
+                 for event, iotype in (("read_aio", "read"), ("write_aio", "write"))]
         self.qmp.execute("blockdev-add", **{
             "driver": "blkdebug", "node-name": PULLED_NODE,
             "image": {"driver": "null-co", "size": size},
-            "inject-error": [{"event": event, "errno": EIO, "once": False} for event in events]})
+            "inject-error": rules})
         self._reopen_disk(PULLED_NODE)
 
     def _plug_disk(self):
