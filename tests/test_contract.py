@@ -100,13 +100,14 @@ def _same_reboot(a, b):
      "max_rate": 8.0 * (1 << 20), "ring": 32 << 20, "verify": "stream",
      "step": "send_environment"},
     {"image": "/srv/tools.tgz", "store": True, "dest": "/tmp/tools.tgz", "method": "auto"},
+    {"env": "debian12", "method": "multicast", "min_receivers": 6, "fec": "8x8/128"},
 ])
 def test_chaincast_options_round_trip(fields):
     options = chaincast.Options(**fields)
     params = parsed(chaincast_cli.cli, options.to_argv())
     keep = ("env_spec", "owner", "image_file", "kind", "compression", "dest", "store", "method",
             "tree_fanout", "order", "stall_timeout", "timeout", "max_rate", "ring_size", "verify",
-            "step")
+            "step", "min_receivers", "fec")
     assert chaincast_cli.options_of(**{k: params[k] for k in keep}) == options
 
 

@@ -27,15 +27,15 @@ relay the scheduler holds back for a moment does not leave its child's link
 idle, and nothing waits in them while the chain keeps pace.
 
 What a node does with the data (decompress, extract, write) is in ``sinks``, how
-it reads back what it wrote in ``written``: both are sent ahead of this file in
-the same script (see ``launch.agent_source``).
+it reads back what it wrote in ``written``, the data links' handshake in
+``links``: all are sent ahead of this file in the same script (see
+``launch.agent_source``).
 """
 
 import functools
 import mmap
 import os
 import socket
-import struct
 import sys
 import threading
 import time
@@ -50,22 +50,27 @@ try:  # in the package; on a node, sinks.py and written.py come first in the sam
         write_blocks,
     )
     from .written import observed_tree, read_back
+    from .links import (
+        HANDSHAKE_TIMEOUT,
+        IO_TICK,
+        MAGIC,
+        OFFSET,
+        SOCKET_BUFFER,
+        connect_child,
+        read_exact,
+        read_line,
+        reason,
+        set_low_mark,
+        shutdown,
+    )
 except ImportError:
     pass
 
-MAGIC = b"KBCC1"
 CHUNK = 256 * 1024          # most bytes moved by one recv/send
-OFFSET = struct.Struct(">Q")
-# Bytes a relay waits for before reading (SO_RCVLOWAT): a shaped link delivers a few
-# segments at a time, and a loop turn per segment costs more CPU than moving the data.
-BATCH = 64 * 1024
 SINK_BATCH = 1 << 20        # the sink wakes up for this much data (or the end), not every segment
-HANDSHAKE_TIMEOUT = 10.0
-SOCKET_BUFFER = 4 << 20     # kernel buffer of each data link, each way
 # The ring keeps every byte until the sender names our children (if any): data may
 # arrive before that command does, and the children will start from byte 0.
 HOLD = "(children not known yet)"
-IO_TICK = 1.0               # longest blocking call before a thread checks for abort
 
 
 # ---------------------------------------------------------------- the ring
@@ -302,7 +307,7 @@ class Agent:
         """Check a new parent, then make it the upstream and tell it our offset."""
         try:
             conn.settimeout(HANDSHAKE_TIMEOUT)
-            line = _read_line(conn, 200)
+            line = read_line(conn, 200)
             magic, token = (line.split(b" ") + [b"", b""])[:2]
             if magic != MAGIC or token.decode() != self.job["token"]:
                 conn.close()
@@ -314,7 +319,7 @@ class Agent:
             old, self.upstream = self.upstream, conn
             self.generation += 1
             if old is not None:
-                _shutdown(old)
+                shutdown(old)
             try:
                 conn.sendall(OFFSET.pack(self.ring.head))
             except OSError:
@@ -327,6 +332,8 @@ class Agent:
         import hashlib
 
         self.digest = hashlib.sha256()
+        if self.job.get("multicast"):
+            self._receive_multicast(self.job["multicast"])
         batched = (None, 0)
         while self.ring.head < self.total:
             with self.up_cond:
@@ -338,7 +345,7 @@ class Agent:
             if view is None:
                 continue
             try:
-                batched = _batch(sock, self.total - self.ring.head, batched)
+                batched = set_low_mark(sock, self.total - self.ring.head, batched)
                 count = sock.recv_into(view)
             except socket.timeout:  # noqa: UP041 (not TimeoutError before Python 3.10)
                 self.ring.commit(0)
@@ -360,6 +367,40 @@ class Agent:
                 self.last_recv = time.monotonic()
         self.received = True
         self._maybe_done()
+
+    def _receive_multicast(self, multicast):
+        """Read udpcast's receiver into the ring. If it ends short (no sender, a lost
+        stream), say so: the sender repairs us by a unicast pass from our offset."""
+        import subprocess
+
+        argv = ["udp-receiver", "--nokbd", "--portbase", str(multicast["portbase"]),
+                "--interface", multicast["interface"],
+                "--mcast-rdv-address", multicast["rendezvous"],
+                "--start-timeout", str(multicast["start_timeout"]),
+                "--receive-timeout", str(multicast["receive_timeout"])]
+        try:
+            proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
+                                    stderr=subprocess.DEVNULL)
+        except OSError as exc:
+            self.emit("upstream-lost", offset=0, reason=f"udp-receiver: {reason(exc)}")
+            return
+        with proc:
+            fd = proc.stdout.fileno()
+            while self.ring.head < self.total:
+                view = self.ring.slot(IO_TICK)
+                if view is None:
+                    continue
+                count = os.readv(fd, [view])
+                self.ring.commit(count)
+                if not count:
+                    break
+                self.digest.update(view[:count])
+                self.last_recv = time.monotonic()
+            if self.ring.head < self.total:
+                proc.kill()
+        if self.ring.head < self.total:
+            self.emit("upstream-lost", offset=self.ring.head,
+                      reason=f"the multicast stream ended (udp-receiver exit {proc.returncode})")
 
     # -------------------------------------------------------- sink
 
@@ -385,7 +426,7 @@ class Agent:
             return
         except Exception as exc:  # noqa: BLE001 (any failure of this node's disk or image:
             # report it and keep relaying for the others)
-            self.sink_error = _reason(exc)
+            self.sink_error = reason(exc)
             self.ring.remove("sink")
             self.emit("sink-failed", reason=self.sink_error)
             return
@@ -445,13 +486,13 @@ class Forwarder:
     def stop(self):
         self.stopped = True
         if self.sock is not None:
-            _shutdown(self.sock)
+            shutdown(self.sock)
         self.ring.remove(self.name)
 
     def run(self, address, port):
         try:
-            self.sock = _connect_child(address, port, self.agent.job["token"], self.agent.job["name"])
-            offset = OFFSET.unpack(_read_exact(self.sock, OFFSET.size))[0]
+            self.sock = connect_child(address, port, self.agent.job["token"], self.agent.job["name"])
+            offset = OFFSET.unpack(read_exact(self.sock, OFFSET.size))[0]
             if not self.ring.place(self.name, offset):
                 if not self.stopped:
                     self.agent.emit("cannot-serve", child=self.name, offset=offset)
@@ -461,7 +502,7 @@ class Forwarder:
             return
         except OSError as exc:
             if not self.stopped:
-                self.agent.emit("child-lost", child=self.name, reason=_reason(exc))
+                self.agent.emit("child-lost", child=self.name, reason=reason(exc))
         finally:
             self.finished = True
             if self.sock is not None:
@@ -501,66 +542,6 @@ def _usage():
     return usage
 
 
-def _batch(sock, remaining, current):
-    """Make ``sock`` wait for BATCH bytes (fewer near the end); returns (sock, low mark)."""
-    mark = max(1, min(BATCH, remaining))
-    if current == (sock, mark):
-        return current
-    sock.settimeout(IO_TICK)
-    try:
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVLOWAT, mark)
-    except (OSError, AttributeError):
-        pass  # no low mark here: reads are smaller, nothing else changes
-    return sock, mark
-
-
-def _connect_child(address, port, token, name):
-    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-    sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, SOCKET_BUFFER)
-    sock.settimeout(HANDSHAKE_TIMEOUT)
-    sock.connect((address, port))
-    sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-    sock.sendall(b" ".join([MAGIC, token.encode(), name.encode()]) + b"\n")
-    return sock
-
-
-def _read_line(sock, limit):
-    data = b""
-    while not data.endswith(b"\n"):
-        chunk = sock.recv(1)
-        if not chunk or len(data) > limit:
-            raise OSError("bad handshake")
-        data += chunk
-    return data.rstrip(b"\n")
-
-
-def _read_exact(sock, count):
-    data = b""
-    while len(data) < count:
-        chunk = sock.recv(count - len(data))
-        if not chunk:
-            raise OSError("connection closed during the handshake")
-        data += chunk
-    return data
-
-
-def _shutdown(sock):
-    try:
-        sock.shutdown(socket.SHUT_RDWR)
-    except OSError:
-        pass
-
-
-def _reason(exc):
-    if isinstance(exc, OSError) and exc.strerror:
-        where = f" ({exc.filename})" if exc.filename else ""
-        return f"{exc.strerror}{where}"
-    tarfile = sys.modules.get("tarfile")  # imported by the sink if it extracts
-    if tarfile and isinstance(exc, tarfile.TarError):
-        return f"bad tar archive: {exc or type(exc).__name__}"
-    return f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__
-
-
 def _json():
     import json  # here, not at the top: the agent is ready sooner (see Agent.emit_ready)
     return json
@@ -577,7 +558,7 @@ def run(stdin, stdout, job=None):
     try:
         agent = Agent(job, stdout)
     except OSError as exc:
-        stdout.write(_json().dumps({"ev": "fatal", "reason": _reason(exc)}) + "\n")
+        stdout.write(_json().dumps({"ev": "fatal", "reason": reason(exc)}) + "\n")
         stdout.flush()
         return 3
     timer = threading.Timer(job["deadline"], os._exit, args=(4,))

@@ -25,6 +25,7 @@ from .. import records
 from ..errors import KabinError
 from ..parallel import Deadline, Executor
 from . import order
+from .multicast import RENDEZVOUS, UdpSender, interface_towards
 from .sender import Source, SourceDigest, WrittenDigest
 from .topology import SOURCE, Topology, stalled_nodes
 
@@ -48,8 +49,10 @@ class Options:
     sha256: str | None = None        # the image file's, when known (checked on the way)
     dest: str | None = None          # where each node writes (default: image.default_dest)
     store: bool = False              # write the image as it is into the file ``dest``
-    method: str = "chain"            # chain | tree | auto (order.pick_method)
+    method: str = "chain"            # chain | tree | multicast | auto (order.pick_method)
     fanout: int = order.TREE_FANOUT  # children per node with the tree method
+    min_receivers: int | None = None  # multicast: start when this many joined (default: all)
+    fec: str | None = None           # multicast: udpcast's forward error correction, SxR/L
     order: str = "topology"          # topology | name | input
     stall_timeout: float = 30.0      # seconds without progress before a node is declared stalled
     timeout: float | None = None     # the whole broadcast (default: broadcast_timeout)
@@ -75,6 +78,9 @@ class Options:
         argv += ["--store"] if self.store else []
         if self.method == "tree" and self.fanout != default.fanout:
             argv.append(f"--tree-fanout={self.fanout}")
+        if self.method == "multicast":
+            argv += [f"--min-receivers={self.min_receivers}"] if self.min_receivers else []
+            argv += [f"--fec={self.fec}"] if self.fec else []
         for flag, name, unit in (("--stall-timeout", "stall_timeout", 1), ("--timeout", "timeout", 1),
                                  ("--max-rate", "max_rate", MB), ("--ring-size", "ring", MB)):
             value = getattr(self, name)
@@ -121,6 +127,7 @@ class Broadcast:
         self.token = secrets.token_hex(16)
         self.nodes, self.topology, self.source, self.digest = {}, None, None, None
         self.written = None
+        self.multicast = None              # the UdpSender of the multicast method
 
     # ------------------------------------------------------------ the whole run
 
@@ -182,18 +189,32 @@ class Broadcast:
                "compression": self.image.compression, "store": self.store,
                "dest": self.dest_of(name), "ports": list(self.ports), "bind": _resolve(address),
                "ring": self.options.ring, "interval": self.options.interval,
-               "verify": self.options.verify,
+               "verify": self.options.verify, "multicast": self._multicast_job(address),
                "deadline": self.options.timeout + self.options.start_timeout}
         return self.launcher.start(name, job, self.events, self.options.start_timeout)
+
+    def _multicast_job(self, address):
+        """What a node's receiver needs (None with the other methods): it gives up when no
+        sender starts within the agents' start-up, or the stream stops for a stall."""
+        if self.options.method != "multicast":
+            return None
+        return {"portbase": self.ports[0], "interface": _resolve(address) or address,
+                "rendezvous": RENDEZVOUS,
+                "start_timeout": int(2 * self.options.start_timeout),
+                "receive_timeout": int(self.options.stall_timeout)}
 
     def _wire(self, ready):
         switch_of = self.switch_of if self.options.order == "topology" else None
         ordered = order.order_nodes(ready, self.options.order, switch_of, self.uplink_of)
-        fanout = 1 if self.options.method == "chain" else self.options.fanout
-        self.topology = Topology(order.layout(ordered, fanout))
         self.source = Source(self.image.path, self.image.size, self.token, self.events, self.halt,
                              self.options.max_rate)
         self.wired = time.monotonic()
+        if self.options.method == "multicast":   # no relay sends: nodes join the tree to be repaired
+            self.topology = Topology({})
+            self._start_multicast(ordered)
+            return
+        fanout = 1 if self.options.method == "chain" else self.options.fanout
+        self.topology = Topology(order.layout(ordered, fanout))
         log.debug("%s order: %s", self.options.method, " ".join(ordered))
         for sender in ordered + [SOURCE]:  # every node, leaves too: its ring holds data till then
             self._send_children(sender)
@@ -217,6 +238,27 @@ class Broadcast:
                 yield from self._check_stalls()
                 self._progress()
         self._progress(final=True)
+
+    def _start_multicast(self, ready):
+        receivers = min(self.options.min_receivers or len(ready), len(ready))
+        interface = interface_towards(_resolve(self.nodes[ready[0]].address))
+        log.info("multicast on %s to %d node(s), starting with %d", interface, len(ready),
+                 receivers)
+        for name in ready:        # the ring holds nothing for children: there are none
+            self.nodes[name].handle.send({"cmd": "children", "children": []})
+        self.multicast = UdpSender(self.image.path, self.ports[0], interface, receivers,
+                                   int(self.options.start_timeout), self.options.fec,
+                                   self.options.max_rate)
+
+    def _repair(self, name, offset, why):
+        """A multicast receiver ended short: the source sends it the rest by unicast."""
+        node = self.nodes.get(name)
+        if node is None or node.status is not None or name in self.topology:
+            return
+        log.info("%s: %s at byte %d; repaired by unicast from the source", name, why, offset)
+        self.topology.children[SOURCE].append(name)
+        self.topology.parent[name] = SOURCE
+        self._send_children(SOURCE)
 
     # ------------------------------------------------------------ events
 
@@ -245,6 +287,8 @@ class Broadcast:
             self._refeed(name, event["child"], event["offset"])
         elif kind in ("fatal", "exit"):
             yield from self._fail(name, event["reason"])
+        elif kind == "upstream-lost" and self.multicast is not None:
+            self._repair(name, event["offset"], event.get("reason", "multicast lost"))
         elif kind == "upstream-lost":
             log.debug("%s: lost its upstream at %d bytes", name, event["offset"])
 
@@ -334,8 +378,9 @@ class Broadcast:
         limit, now = self.options.stall_timeout, time.monotonic()
         source_state = self.source.state()
         self._note_feeding(source_state, now)
-        silent = [name for name in list(self.topology.parent)
-                  if now - max(self.nodes[name].heard, self.nodes[name].fed) > limit]
+        silent = [name for name, node in self.nodes.items()   # multicast nodes too
+                  if node.status is None and node.port is not None
+                  and now - max(node.heard, node.fed) > limit]
         for name in silent:
             yield from self._fail(name, f"not responding for {limit:.0f} s", kill=True)
         states = {name: self.nodes[name].state for name in self.topology.parent}
@@ -391,6 +436,8 @@ class Broadcast:
                 node.handle.close()
         if self.source is not None:
             self.source.close()
+        if self.multicast is not None:
+            self.multicast.close()
 
 
 def broadcast_timeout(size):

@@ -1,6 +1,6 @@
 """The head of a broadcast: serves the image file to its children over TCP.
 
-The source speaks the agents' protocol as a parent (see ``agent``): it connects
+The source speaks the agents' protocol as a parent (see ``links``): it connects
 to a child, learns the child's offset and streams the file from there with
 ``sendfile`` (no copy through Python). Unlike a relay it can serve any offset,
 which is what a repair falls back on when a relay's ring no longer holds the
@@ -11,10 +11,11 @@ import hashlib
 import logging
 import os
 import select
+import socket
 import threading
 import time
 
-from . import agent
+from . import links
 from .topology import SOURCE
 
 log = logging.getLogger(__name__)
@@ -149,19 +150,19 @@ class Feeder:
     def stop(self):
         self.stopped = True
         if self.sock is not None:
-            agent._shutdown(self.sock)
+            links.shutdown(self.sock)
 
     def _run(self, address, port):
         source = self.source
         try:
-            self.sock = agent._connect_child(address, port, source.token, "source")
-            self.offset = agent.OFFSET.unpack(agent._read_exact(self.sock, agent.OFFSET.size))[0]
+            self.sock = links.connect_child(address, port, source.token, "source")
+            self.offset = links.OFFSET.unpack(links.read_exact(self.sock, links.OFFSET.size))[0]
             self.progress = time.monotonic()
             self._stream()
         except OSError as exc:
             if not self.stopped:
                 source.events.put((SOURCE, {"ev": "child-lost", "child": self.name,
-                                            "reason": agent._reason(exc)}))
+                                            "reason": links.reason(exc)}))
         finally:
             self.finished = True
             if self.sock is not None:
@@ -188,4 +189,4 @@ class Feeder:
                 if ahead > 0:
                     source.stop.wait(ahead)
         if self.offset >= source.size:
-            sock.shutdown(agent.socket.SHUT_WR)
+            sock.shutdown(socket.SHUT_WR)
