@@ -185,20 +185,21 @@ class Broadcast:
             yield from self._fail(name, f"relay agent not ready after {self.options.start_timeout:.0f} s")
 
     def _start_one(self, name, address):
+        bind = _resolve(address)
         job = {"name": name, "token": self.token, "size": self.image.size, "kind": self.image.kind,
                "compression": self.image.compression, "store": self.store,
-               "dest": self.dest_of(name), "ports": list(self.ports), "bind": _resolve(address),
+               "dest": self.dest_of(name), "ports": list(self.ports), "bind": bind,
                "ring": self.options.ring, "interval": self.options.interval,
-               "verify": self.options.verify, "multicast": self._multicast_job(address),
+               "verify": self.options.verify, "multicast": self._multicast_job(bind or address),
                "deadline": self.options.timeout + self.options.start_timeout}
         return self.launcher.start(name, job, self.events, self.options.start_timeout)
 
-    def _multicast_job(self, address):
+    def _multicast_job(self, interface):
         """What a node's receiver needs (None with the other methods): it gives up when no
         sender starts within the agents' start-up, or the stream stops for a stall."""
         if self.options.method != "multicast":
             return None
-        return {"portbase": self.ports[0], "interface": _resolve(address) or address,
+        return {"portbase": self.ports[0], "interface": interface,
                 "rendezvous": RENDEZVOUS,
                 "start_timeout": int(2 * self.options.start_timeout),
                 "receive_timeout": int(self.options.stall_timeout)}
@@ -209,15 +210,16 @@ class Broadcast:
         self.source = Source(self.image.path, self.image.size, self.token, self.events, self.halt,
                              self.options.max_rate)
         self.wired = time.monotonic()
-        if self.options.method == "multicast":   # no relay sends: nodes join the tree to be repaired
+        if self.options.method == "multicast":   # no relay sends: a node joins to be repaired
             self.topology = Topology({})
-            self._start_multicast(ordered)
-            return
-        fanout = 1 if self.options.method == "chain" else self.options.fanout
-        self.topology = Topology(order.layout(ordered, fanout))
+        else:
+            fanout = 1 if self.options.method == "chain" else self.options.fanout
+            self.topology = Topology(order.layout(ordered, fanout))
         log.debug("%s order: %s", self.options.method, " ".join(ordered))
         for sender in ordered + [SOURCE]:  # every node, leaves too: its ring holds data till then
             self._send_children(sender)
+        if self.options.method == "multicast":
+            self._start_multicast(ordered)
 
     def _watch(self):
         """Handle events until every node's fate is known or the deadline passes."""
@@ -244,8 +246,6 @@ class Broadcast:
         interface = interface_towards(_resolve(self.nodes[ready[0]].address))
         log.info("multicast on %s to %d node(s), starting with %d", interface, len(ready),
                  receivers)
-        for name in ready:        # the ring holds nothing for children: there are none
-            self.nodes[name].handle.send({"cmd": "children", "children": []})
         self.multicast = UdpSender(self.image.path, self.ports[0], interface, receivers,
                                    int(self.options.start_timeout), self.options.fec,
                                    self.options.max_rate)
@@ -256,8 +256,7 @@ class Broadcast:
         if node is None or node.status is not None or name in self.topology:
             return
         log.info("%s: %s at byte %d; repaired by unicast from the source", name, why, offset)
-        self.topology.children[SOURCE].append(name)
-        self.topology.parent[name] = SOURCE
+        self.topology.feed_from_source(name)
         self._send_children(SOURCE)
 
     # ------------------------------------------------------------ events

@@ -41,8 +41,8 @@ def interface_towards(address):
 
 
 class UdpSender:
-    """udp-sender serving ``path``; ``done`` is set when it ends (``error`` then says why,
-    None if it sent the whole file)."""
+    """udp-sender serving ``path``; ``done`` is set when it ends (a failure is logged: the
+    nodes it did not serve are repaired or KO by their own records)."""
 
     def __init__(self, path, portbase, interface, receivers, max_wait, fec=None, max_rate=None):
         argv = [SENDER, "--nokbd", "--file", str(path), "--portbase", str(portbase),
@@ -58,16 +58,15 @@ class UdpSender:
         except OSError as exc:
             raise MulticastError(f"cannot start {SENDER}: {exc.strerror or exc} "
                                  "(Debian package udpcast)") from None
-        self.error, self.done = None, threading.Event()
+        self.done = threading.Event()
         threading.Thread(target=self._wait, daemon=True, name="kabin-udp-sender").start()
 
     def _wait(self):
         said = self.proc.stderr.read().decode(errors="replace").strip().splitlines()
         code = self.proc.wait()
         if code:
-            last = said[-1] if said else "no message"
-            self.error = f"{SENDER} exited with {code}: {last}"
-            log.info("multicast: %s", self.error)
+            log.info("multicast: %s exited with %d: %s", SENDER, code,
+                     said[-1] if said else "no message")
         self.done.set()
 
     def close(self):

@@ -34,9 +34,11 @@ class Topology:
         return parent
 
     def feed_from_source(self, node):
-        """Move ``node`` under the source (its parent cannot serve its offset). Returns the old parent."""
-        old = self.parent[node]
-        self.children[old].remove(node)
+        """Put ``node`` under the source: its parent cannot serve its offset, or it had none
+        (a multicast receiver to repair). Returns the old parent (SOURCE if none)."""
+        old = self.parent.get(node, SOURCE)
+        if node in self.parent:
+            self.children[old].remove(node)
         self.children[SOURCE].append(node)
         self.parent[node] = SOURCE
         return old
