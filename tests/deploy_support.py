@@ -76,6 +76,17 @@ def kadeploy_faulted_at(bed, args, macro, faults, deadline):
         "".join(said)
 
 
+def assert_ok_or_ko_with_a_reason(out, nodes, stderr):
+    """One record per node of ``nodes`` in ``out`` (by node), each OK or KO with an error
+    (never an internal one) and the step it failed in."""
+    assert sorted(out) == sorted(nodes), stderr
+    for record in out.values():
+        assert record["status"] in ("ok", "ko"), record
+        if record["status"] == "ko":
+            assert record["error"] and "internal error" not in record["error"], record
+            assert record["step"], record
+
+
 def macro_entries(record, macro):
     return [h for h in record["history"] if h["step"] == macro and "variant" in h]
 

@@ -11,14 +11,12 @@ machine says which kernel runs, from which root, on which hardware.
 """
 
 import json
-import os
 import subprocess
 
 import pytest
-from vm_support import console, facts, kadeploy, make_real_envs
+from vm_support import bring_up, console, facts, kadeploy
 
 from kabin.chaincast import sinks, written
-from kabin.testbed.instance import Testbed
 
 pytestmark = [pytest.mark.vm, pytest.mark.timeout(900)]
 
@@ -28,16 +26,7 @@ ROOT = "/dev/vda3"       # the VM tier's cluster: GPT, esp 1, swap 2, deploy 3, 
 
 @pytest.fixture(scope="module")
 def vms():
-    if os.geteuid() != 0:
-        pytest.skip("the VM tier needs root (namespaces, taps)")
-    bed = Testbed("vm-deploy")
-    bed.down()
-    try:
-        bed.up(2, vm={"firmware": "mixed"})
-        make_real_envs(bed)
-    except BaseException:
-        bed.down()         # a failed setup leaves nothing behind (its teardown never runs)
-        raise
+    bed = bring_up("vm-deploy", 2, real_envs=True, firmware="mixed")
     yield bed
     bed.down()
 

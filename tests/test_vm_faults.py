@@ -9,13 +9,9 @@ variants' timeouts, every node OK or KO with a reason, no node held, no kabin
 process left. (The netns tier's faults: tests/test_fault_matrix.py.)
 """
 
-import os
-
 import pytest
-from deploy_support import kadeploy_faulted_at, leftovers
-from vm_support import make_real_envs
-
-from kabin.testbed.instance import Testbed
+from deploy_support import assert_ok_or_ko_with_a_reason, kadeploy_faulted_at, leftovers
+from vm_support import bring_up
 
 pytestmark = [pytest.mark.vm, pytest.mark.timeout(900)]
 
@@ -48,16 +44,7 @@ def deadline(faulted):
 
 @pytest.fixture(scope="module")
 def vms():
-    if os.geteuid() != 0:
-        pytest.skip("the VM tier needs root (namespaces, taps)")
-    bed = Testbed("vm-faults")
-    bed.down()
-    try:
-        bed.up(len(FAULTS), vm={"firmware": "mixed"})
-        make_real_envs(bed)
-    except BaseException:
-        bed.down()         # a failed setup leaves nothing behind (its teardown never runs)
-        raise
+    bed = bring_up("vm-faults", len(FAULTS), real_envs=True, firmware="mixed")
     yield bed
     bed.down()
 
@@ -73,12 +60,7 @@ def test_every_vm_fault_at_every_macro_step_ends_ok_or_ko_with_a_reason(vms, mac
         vms.clear()
         for node in nodes:          # out of a hung firmware: the next run starts from a boot
             vms.power(node, "cycle")
-    assert sorted(out) == nodes, stderr
-    for record in out.values():
-        assert record["status"] in ("ok", "ko"), record
-        if record["status"] == "ko":
-            assert record["error"] and "internal error" not in record["error"], record
-            assert record["step"], record
+    assert_ok_or_ko_with_a_reason(out, nodes, stderr)
     outcomes = {node: out[node]["status"] for node in nodes}
     expected = {node: EXPECTED.get((macro, node), outcomes[node]) for node in nodes}
     assert outcomes == expected, stderr

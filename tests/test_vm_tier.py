@@ -14,32 +14,18 @@ import subprocess
 import time
 
 import pytest
-from vm_support import console, deploy_and_boot_from_the_disk, make_real_envs
+from vm_support import bring_up, console, deploy_and_boot_from_the_disk, make_real_envs
 
 from kabin.testbed import lifecycle
-from kabin.testbed.instance import Testbed
 
 pytestmark = [pytest.mark.vm, pytest.mark.timeout(900)]
 
 DEPLOY_CMDLINE = "console=ttyS0 kabin.env=deploy"
 
 
-def _bring_up(name, size, **vm):
-    import os
-    if os.geteuid() != 0:
-        pytest.skip("the VM tier needs root (namespaces, taps)")
-    bed = Testbed(name)
-    bed.down()
-    try:
-        return bed.up(size, vm=vm)
-    except BaseException:
-        bed.down()         # a failed setup leaves nothing behind (its teardown never runs)
-        raise
-
-
 @pytest.fixture(scope="module")
 def grub_vms():
-    bed = _bring_up("vm-grub", 2, firmware="mixed")
+    bed = bring_up("vm-grub", 2, firmware="mixed")
     yield bed
     bed.down()
 
@@ -201,7 +187,7 @@ boot
 
 @pytest.fixture(scope="module")
 def ipxe_vms():
-    bed = _bring_up("vm-ipxe", 2, firmware="mixed", pxe_method="ipxe")
+    bed = bring_up("vm-ipxe", 2, firmware="mixed", pxe_method="ipxe")
     yield bed
     bed.down()
 
@@ -272,7 +258,7 @@ def _processes_naming(directory):
 
 @pytest.fixture(scope="module")
 def pxelinux_vm():
-    bed = _bring_up("vm-pxl", 1, firmware="bios", pxe_method="pxelinux")
+    bed = bring_up("vm-pxl", 1, firmware="bios", pxe_method="pxelinux")
     yield bed
     bed.down()
 
@@ -297,7 +283,7 @@ def test_pxelinux_local_boot_chains_the_deploy_partition(pxelinux_vm):
 def test_ipxe_sanboot_boots_the_grub_of_the_mbr():
     """iPXE boots no partition: with it as the local loader the disk gets an MBR table and
     install-bootloader.sh puts GRUB in the MBR, which 'sanboot --drive 0x80' starts."""
-    bed = _bring_up("vm-san", 1, firmware="bios", pxe_method="ipxe", local_method="ipxe")
+    bed = bring_up("vm-san", 1, firmware="bios", pxe_method="ipxe", local_method="ipxe")
     try:
         assert bed.config.clusters["local"].partitioning.label == "dos"
         make_real_envs(bed)
@@ -308,7 +294,7 @@ def test_ipxe_sanboot_boots_the_grub_of_the_mbr():
 
 
 def test_an_e1000_machine_with_a_sata_qcow2_disk():
-    bed = _bring_up("vm-sata", 1, firmware="uefi", nic="e1000", disk_bus="sata",
+    bed = bring_up("vm-sata", 1, firmware="uefi", nic="e1000", disk_bus="sata",
                     disk_format="qcow2")
     try:
         done = bed.ssh("node-1", "basename $(readlink /sys/class/net/eth0/device/driver); "
