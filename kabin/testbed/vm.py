@@ -252,6 +252,8 @@ class Machine:
             if ("disk-removed" in names) != ("disk-removed" in self.faults):
                 self._pull_disk() if "disk-removed" in names else self._plug_disk()
             self.faults = names
+            # now, not at the BMC's next reset: a reboot the guest asks for hangs too
+            self._apply_boot_order()
 
     def _pull_disk(self):
         """The device's node reads and writes a disk whose every I/O fails (blkdebug
