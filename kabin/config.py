@@ -24,7 +24,7 @@ from .schema import Section as _Section
 SYSTEM_DIR = Path("/etc/kadeploy")
 MACRO_STEPS = {
     "SetDeploymentEnv": ("Untrusted", "Kexec", "Prod"),
-    "BroadcastEnv": ("Chain", "Tree", "Multicast", "Custom"),
+    "BroadcastEnv": ("Chain", "Tree", "Multicast", "Bittorrent", "Custom"),
     "BootNewEnv": ("Kexec", "Classical", "HardReboot"),
 }
 REMOTEOP_TYPES = ("ssh", "ipmi", "command")

@@ -50,6 +50,7 @@ try:  # in the package; on a node, sinks.py and written.py come first in the sam
         write_blocks,
     )
     from .written import observed_tree, read_back
+    from .receivers import receive_bittorrent, receive_multicast
     from .links import (
         HANDSHAKE_TIMEOUT,
         IO_TICK,
@@ -258,6 +259,8 @@ class Agent:
         self.lock = threading.Lock()
         self.done_sent = False
         self.closing = threading.Event()
+        self.fetched = None                 # bytes a bittorrent download has on disk so far
+        self.cleanups = []                  # what the receivers leave running, ended at the end
         self.listener = self._listen()
 
     # -------------------------------------------------------- events
@@ -333,7 +336,10 @@ class Agent:
 
         self.digest = hashlib.sha256()
         if self.job.get("multicast"):
-            self._receive_multicast(self.job["multicast"])
+            receive_multicast(self, self.job["multicast"])
+        elif self.job.get("bittorrent"):
+            receive_bittorrent(self, self.job["bittorrent"])
+            self.fetched = None
         batched = (None, 0)
         while self.ring.head < self.total:
             with self.up_cond:
@@ -367,40 +373,6 @@ class Agent:
                 self.last_recv = time.monotonic()
         self.received = True
         self._maybe_done()
-
-    def _receive_multicast(self, multicast):
-        """Read udpcast's receiver into the ring. If it ends short (no sender, a lost
-        stream), say so: the sender repairs us by a unicast pass from our offset."""
-        import subprocess
-
-        argv = ["udp-receiver", "--nokbd", "--portbase", str(multicast["portbase"]),
-                "--interface", multicast["interface"],
-                "--mcast-rdv-address", multicast["rendezvous"],
-                "--start-timeout", str(multicast["start_timeout"]),
-                "--receive-timeout", str(multicast["receive_timeout"])]
-        try:
-            proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
-                                    stderr=subprocess.DEVNULL)
-        except OSError as exc:
-            self.emit("upstream-lost", offset=0, reason=f"udp-receiver: {reason(exc)}")
-            return
-        with proc:
-            fd = proc.stdout.fileno()
-            while self.ring.head < self.total:
-                view = self.ring.slot(IO_TICK)
-                if view is None:
-                    continue
-                count = os.readv(fd, [view])
-                self.ring.commit(count)
-                if not count:
-                    break
-                self.digest.update(view[:count])
-                self.last_recv = time.monotonic()
-            if self.ring.head < self.total:
-                proc.kill()
-        if self.ring.head < self.total:
-            self.emit("upstream-lost", offset=self.ring.head,
-                      reason=f"the multicast stream ended (udp-receiver exit {proc.returncode})")
 
     # -------------------------------------------------------- sink
 
@@ -463,7 +435,8 @@ class Agent:
                    for name in list(self.children)}
             sink_idle = ring.idle("sink", now)
         recv_idle = 0.0 if full or ring.head >= self.total else now - self.last_recv
-        return {"recv": ring.head, "recv_idle": round(recv_idle, 1),
+        recv = ring.head if self.fetched is None else self.fetched
+        return {"recv": recv, "recv_idle": round(recv_idle, 1),
                 "sink_idle": round(sink_idle, 1), "fwd": fwd}
 
     def report_loop(self):
@@ -574,6 +547,8 @@ def run(stdin, stdout, job=None):
             agent.set_children(command["children"])
     agent.closing.set()
     agent.ring.abort()
+    for cleanup in agent.cleanups:
+        cleanup()
     return 0
 
 

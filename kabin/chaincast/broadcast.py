@@ -25,7 +25,8 @@ from .. import records
 from ..errors import KabinError
 from ..parallel import Deadline, Executor
 from . import order
-from .multicast import RENDEZVOUS, UdpSender, interface_towards
+from .bittorrent import Swarm
+from .multicast import RENDEZVOUS, UdpSender, interface_towards, route_towards
 from .sender import Source, SourceDigest, WrittenDigest
 from .topology import SOURCE, Topology, stalled_nodes
 
@@ -33,6 +34,7 @@ log = logging.getLogger(__name__)
 progress_log = logging.getLogger("kabin.progress")
 
 STEP = "chaincast"
+ENGINES = ("multicast", "bittorrent")   # methods whose data goes through another engine
 MB = 1 << 20
 
 
@@ -49,10 +51,11 @@ class Options:
     sha256: str | None = None        # the image file's, when known (checked on the way)
     dest: str | None = None          # where each node writes (default: image.default_dest)
     store: bool = False              # write the image as it is into the file ``dest``
-    method: str = "chain"            # chain | tree | multicast | auto (order.pick_method)
+    method: str = "chain"            # chain | tree | multicast | bittorrent | auto (order.pick_method)
     fanout: int = order.TREE_FANOUT  # children per node with the tree method
     min_receivers: int | None = None  # multicast: start when this many joined (default: all)
     fec: str | None = None           # multicast: udpcast's forward error correction, SxR/L
+    spool: str = "/tmp"              # bittorrent: where each node keeps the image it fetches
     order: str = "topology"          # topology | name | input
     stall_timeout: float = 30.0      # seconds without progress before a node is declared stalled
     timeout: float | None = None     # the whole broadcast (default: broadcast_timeout)
@@ -81,6 +84,8 @@ class Options:
         if self.method == "multicast":
             argv += [f"--min-receivers={self.min_receivers}"] if self.min_receivers else []
             argv += [f"--fec={self.fec}"] if self.fec else []
+        if self.method == "bittorrent" and self.spool != default.spool:
+            argv.append(f"--spool={self.spool}")
         for flag, name, unit in (("--stall-timeout", "stall_timeout", 1), ("--timeout", "timeout", 1),
                                  ("--max-rate", "max_rate", MB), ("--ring-size", "ring", MB)):
             value = getattr(self, name)
@@ -127,7 +132,7 @@ class Broadcast:
         self.token = secrets.token_hex(16)
         self.nodes, self.topology, self.source, self.digest = {}, None, None, None
         self.written = None
-        self.multicast = None              # the UdpSender of the multicast method
+        self.engine = None                 # multicast's UdpSender, bittorrent's Swarm
 
     # ------------------------------------------------------------ the whole run
 
@@ -150,6 +155,8 @@ class Broadcast:
         if self.options.verify == "written":
             self.written = self.digest if self.store else WrittenDigest(self.image, self.halt)
         try:
+            if self.options.method == "bittorrent":
+                self.engine = self._swarm(wanted[0]["node"])
             yield from self._start(wanted)
             ready = [name for name, n in self.nodes.items() if _ready(n)]
             if ready:
@@ -191,6 +198,7 @@ class Broadcast:
                "dest": self.dest_of(name), "ports": list(self.ports), "bind": bind,
                "ring": self.options.ring, "interval": self.options.interval,
                "verify": self.options.verify, "multicast": self._multicast_job(bind or address),
+               "bittorrent": self._bittorrent_job(),
                "deadline": self.options.timeout + self.options.start_timeout}
         return self.launcher.start(name, job, self.events, self.options.start_timeout)
 
@@ -204,13 +212,28 @@ class Broadcast:
                 "start_timeout": int(2 * self.options.start_timeout),
                 "receive_timeout": int(self.options.stall_timeout)}
 
+    def _bittorrent_job(self):
+        """The torrent and how long to seed (None with the other methods)."""
+        if self.options.method != "bittorrent":
+            return None
+        return {"torrent": self.engine.job(), "spool": self.options.spool,
+                "ports": f"{self.ports[0] + 1}-{self.ports[1]}",
+                "stall": int(self.options.stall_timeout),
+                "seed_minutes": (self.options.timeout + self.options.start_timeout) / 60}
+
+    def _swarm(self, first):
+        """Tracker and seeder, on the frontend's address towards the nodes (``first``'s)."""
+        address = route_towards(_resolve(self.address_of(first)) or first)[1]
+        return Swarm(self.image.path, address, self.ports,
+                     self.options.timeout + self.options.start_timeout)
+
     def _wire(self, ready):
         switch_of = self.switch_of if self.options.order == "topology" else None
         ordered = order.order_nodes(ready, self.options.order, switch_of, self.uplink_of)
         self.source = Source(self.image.path, self.image.size, self.token, self.events, self.halt,
                              self.options.max_rate)
         self.wired = time.monotonic()
-        if self.options.method == "multicast":   # no relay sends: a node joins to be repaired
+        if self.options.method in ENGINES:   # no relay sends: a node joins to be repaired
             self.topology = Topology({})
         else:
             fanout = 1 if self.options.method == "chain" else self.options.fanout
@@ -246,12 +269,13 @@ class Broadcast:
         interface = interface_towards(_resolve(self.nodes[ready[0]].address))
         log.info("multicast on %s to %d node(s), starting with %d", interface, len(ready),
                  receivers)
-        self.multicast = UdpSender(self.image.path, self.ports[0], interface, receivers,
+        self.engine = UdpSender(self.image.path, self.ports[0], interface, receivers,
                                    int(self.options.start_timeout), self.options.fec,
                                    self.options.max_rate)
 
     def _repair(self, name, offset, why):
-        """A multicast receiver ended short: the source sends it the rest by unicast."""
+        """A multicast or bittorrent receiver ended short: the source sends it the rest
+        by unicast."""
         node = self.nodes.get(name)
         if node is None or node.status is not None or name in self.topology:
             return
@@ -286,8 +310,8 @@ class Broadcast:
             self._refeed(name, event["child"], event["offset"])
         elif kind in ("fatal", "exit"):
             yield from self._fail(name, event["reason"])
-        elif kind == "upstream-lost" and self.multicast is not None:
-            self._repair(name, event["offset"], event.get("reason", "multicast lost"))
+        elif kind == "upstream-lost" and self.engine is not None:
+            self._repair(name, event["offset"], event.get("reason", "upstream lost"))
         elif kind == "upstream-lost":
             log.debug("%s: lost its upstream at %d bytes", name, event["offset"])
 
@@ -302,7 +326,9 @@ class Broadcast:
                 event["handle"].close()
 
     def _done(self, name, event):
-        self.nodes[name].usage = {k: event[k] for k in ("cpu", "peak_mb") if k in event}
+        self.nodes[name].usage = usage = {k: event[k] for k in ("cpu", "peak_mb") if k in event}
+        log.info("%s: received and written (agent: %s s of CPU, peak memory %s MB)", name,
+                 usage.get("cpu", "?"), usage.get("peak_mb", "?"))
         fields = {"bytes": event["bytes"], "sha256": event["sha256"]}
         if "written" in event:
             fields["written_sha256"] = event["written"]
@@ -435,8 +461,8 @@ class Broadcast:
                 node.handle.close()
         if self.source is not None:
             self.source.close()
-        if self.multicast is not None:
-            self.multicast.close()
+        if self.engine is not None:
+            self.engine.close()
 
 
 def broadcast_timeout(size):

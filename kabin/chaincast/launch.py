@@ -45,11 +45,12 @@ EXIT_WAIT = 5.0  # how long to wait for an exit status once the output has ended
 
 
 def agent_source():
-    """The agent as one script: ``sinks.py``, ``written.py``, ``links.py``, then
-    ``agent.py`` (which imports them when packaged)."""
+    """The agent as one script: ``sinks.py``, ``written.py``, ``links.py``,
+    ``receivers.py``, then ``agent.py`` (which imports them when packaged)."""
     here = Path(__file__).parent
     return b"\n".join((here / name).read_bytes()
-                      for name in ("sinks.py", "written.py", "links.py", "agent.py"))
+                      for name in ("sinks.py", "written.py", "links.py", "receivers.py",
+                                   "agent.py"))
 
 
 @functools.lru_cache(maxsize=1)

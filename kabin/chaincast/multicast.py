@@ -27,17 +27,22 @@ class MulticastError(KabinError):
     """The multicast sender cannot run."""
 
 
-def interface_towards(address):
-    """The name of this host's interface that routes to ``address``."""
+def route_towards(address):
+    """(interface name, source address) of this host's route to ``address``."""
     try:
         done = subprocess.run(["ip", "-o", "route", "get", address], capture_output=True,
                               text=True, timeout=10)
     except (OSError, subprocess.TimeoutExpired) as exc:
         raise MulticastError(f"cannot find the interface towards {address}: {exc}") from None
     words = done.stdout.split()
-    if done.returncode or "dev" not in words:
+    if done.returncode or "dev" not in words or "src" not in words:
         raise MulticastError(f"no route to {address}: {done.stderr.strip() or done.stdout}")
-    return words[words.index("dev") + 1]
+    return words[words.index("dev") + 1], words[words.index("src") + 1]
+
+
+def interface_towards(address):
+    """The name of this host's interface that routes to ``address``."""
+    return route_towards(address)[0]
 
 
 class UdpSender:

@@ -9,7 +9,7 @@ last, by name.
 import re
 
 ORDERS = ("topology", "name", "input")
-METHODS = ("chain", "tree", "multicast")
+METHODS = ("chain", "tree", "multicast", "bittorrent")
 TREE_FANOUT = 4
 
 # What one relay hop costs the chain in bytes of transfer time: the data a relay

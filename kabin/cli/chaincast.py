@@ -25,10 +25,11 @@ MB = 1 << 20
                    "or a file with --store.")
 @click.option("--store", is_flag=True,
               help="Store the image as it is (no decompression, no extraction) in the file DEST.")
-@click.option("--method", type=click.Choice(["auto", "chain", "tree", "multicast"]),
+@click.option("--method", type=click.Choice(["auto", "chain", "tree", "multicast", "bittorrent"]),
               default="auto", show_default=True,
               help="chain for images, tree (fanout tree) for small files, multicast (udpcast: "
-                   "one stream for all, unicast repair); auto picks from the size and node "
+                   "one stream for all, unicast repair), bittorrent (aria2c swarm, a tracker "
+                   "and a seeder here; unicast repair); auto picks from the size and node "
                    "count.")
 @click.option("--tree-fanout", type=click.IntRange(2), default=4, show_default=True,
               help="Children per node with the tree method.")
@@ -37,6 +38,9 @@ MB = 1 << 20
                    "are repaired by unicast).")
 @click.option("--fec", metavar="SxR/L", default=None,
               help="multicast: udpcast's forward error correction, e.g. 8x8/128.")
+@click.option("--spool", metavar="DIR", default="/tmp", show_default=True,
+              help="bittorrent: where each node keeps the image it fetches (it needs the "
+                   "image's size there) until it is written.")
 @click.option("--order", type=click.Choice(["topology", "name", "input"]), default="topology",
               show_default=True, help="Chain order: grouped by switch, by name, or as given.")
 @click.option("--stall-timeout", type=click.FloatRange(1), default=30.0, show_default=True,
@@ -55,7 +59,8 @@ MB = 1 << 20
 @common.stream_options
 @common.command
 def cli(env_spec, owner, image_file, kind, compression, dest, store, method, tree_fanout, order,
-        stall_timeout, timeout, max_rate, ring_size, verify, min_receivers, fec, step, **opts):
+        stall_timeout, timeout, max_rate, ring_size, verify, min_receivers, fec, spool, step,
+        **opts):
     """Send one image to every OK node in about the time it takes to send it to one.
 
     The source streams the image to the first node, which writes it and
@@ -74,12 +79,13 @@ def cli(env_spec, owner, image_file, kind, compression, dest, store, method, tre
       ka-chaincast -m node-[1-8] --image disk.img.xz --kind dd --to /dev/sda3
       ka-chaincast -m node-[1-8] --image tools.tgz --store --to /tmp/tools.tgz
       ka-chaincast -m node-[1-8] --env debian12 --method multicast --fec 8x8/128
+      ka-chaincast -m node-[1-64] --env debian12 --method bittorrent --spool /tmp
     """
     from .. import chaincast
 
     options = options_of(env_spec, owner, image_file, kind, compression, dest, store, method,
                          tree_fanout, order, stall_timeout, timeout, max_rate, ring_size, verify,
-                         step, min_receivers, fec)
+                         step, min_receivers, fec, spool)
     config = common.load_config(opts)
     output = chaincast.run(config, common.read_permitted(config, opts), options)
     return common.emit(opts, output, columns=("bytes", "sha256"))
@@ -87,7 +93,7 @@ def cli(env_spec, owner, image_file, kind, compression, dest, store, method, tre
 
 def options_of(env_spec, owner, image_file, kind, compression, dest, store, method, tree_fanout,
                order, stall_timeout, timeout, max_rate, ring_size, verify, step,
-               min_receivers=None, fec=None):
+               min_receivers=None, fec=None, spool="/tmp"):
     """The chaincast.Options the command line says."""
     from .. import chaincast
 
@@ -100,7 +106,7 @@ def options_of(env_spec, owner, image_file, kind, compression, dest, store, meth
         dest=dest, store=store, method=method, fanout=tree_fanout, order=order,
         stall_timeout=stall_timeout, timeout=timeout, ring=ring_size * MB,
         max_rate=max_rate * MB if max_rate else None, verify=verify,
-        min_receivers=min_receivers, fec=fec, step=step or chaincast.STEP)
+        min_receivers=min_receivers, fec=fec, spool=spool, step=step or chaincast.STEP)
 
 
 main = common.entry_point(cli, "ka-chaincast")

@@ -246,6 +246,8 @@ def build_steps(macro, variant, plan):
         ("BroadcastEnv", "Tree"): lambda: [plan.send_environment("tree"), *_after_broadcast(plan)],
         ("BroadcastEnv", "Multicast"): lambda: [plan.send_environment("multicast"),
                                                 *_after_broadcast(plan)],
+        ("BroadcastEnv", "Bittorrent"): lambda: [plan.send_environment("bittorrent"),
+                                                 *_after_broadcast(plan)],
         ("BroadcastEnv", "Custom"): lambda: [nothing("send_environment"),
                                              *_after_broadcast(plan)],
         ("BootNewEnv", "Kexec"): lambda: [plan.switch_pxe("local", local), plan.mount_deploy_part(),
