@@ -5,6 +5,7 @@ import gzip
 import hashlib
 import lzma
 import os
+import re
 
 import zstandard
 
@@ -65,3 +66,9 @@ def remote_tree_digest_command(directory):
     code = ("import hashlib, os, sys\nfrom pathlib import Path\n"
             + inspect.getsource(tree_digest) + "print(tree_digest(Path(sys.argv[1])))\n")
     return f"python3 -c {shlex.quote(code)} {shlex.quote(directory)}"
+
+
+def peak_memory(stderr):
+    """node -> its agent's peak memory in MB, as ka-chaincast -v logs it."""
+    return {m[1]: float(m[2]) for m in re.finditer(r"(node-\d+): received and written .*"
+                                                   r"peak memory ([\d.]+) MB", stderr)}

@@ -4,7 +4,6 @@ frontend, aria2c on every node, real sshd, real bridges and shaped links."""
 import io
 import json
 import os
-import re
 import signal
 import subprocess
 import tarfile
@@ -12,7 +11,13 @@ import threading
 import time
 
 import pytest
-from chaincast_support import compress, make_tree, remote_tree_digest_command, tree_digest
+from chaincast_support import (
+    compress,
+    make_tree,
+    peak_memory,
+    remote_tree_digest_command,
+    tree_digest,
+)
 from deploy_support import kadeploy, on_frontend
 from test_chaincast_multicast import netns_pids
 
@@ -56,12 +61,6 @@ def chaincast(bed, path, dest, stdin):
                        "--format", "json", "-v", input=stdin, text=True, timeout=300)
     assert done.returncode in (0, 1), done.stderr
     return {r["node"]: r for r in map(json.loads, done.stdout.splitlines())}, done
-
-
-def peak_memory(stderr):
-    """node -> the agent's peak memory in MB, as ka-chaincast -v logs it."""
-    return {m[1]: float(m[2]) for m in re.finditer(r"(node-\d+): received and written .*"
-                                                   r"peak memory ([\d.]+) MB", stderr)}
 
 
 def test_every_node_gets_the_same_tree_in_bounded_memory(bed, image):

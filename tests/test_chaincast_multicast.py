@@ -12,7 +12,13 @@ import time
 from pathlib import Path
 
 import pytest
-from chaincast_support import compress, make_tree, remote_tree_digest_command, tree_digest
+from chaincast_support import (
+    compress,
+    make_tree,
+    peak_memory,
+    remote_tree_digest_command,
+    tree_digest,
+)
 from deploy_support import kadeploy, on_frontend
 
 from kabin.testbed.instance import Testbed
@@ -20,6 +26,7 @@ from kabin.testbed.instance import Testbed
 pytestmark = pytest.mark.testbed
 
 NODES = [f"node-{i}" for i in range(1, 7)]
+PADDING_MB, RING_MB = 40, 4
 
 
 @pytest.fixture(scope="module")
@@ -35,11 +42,11 @@ def bed():
 
 @pytest.fixture(scope="module")
 def image(tmp_path_factory):
-    """A small system-like tree, and 8 MB of random data so that the stream lasts."""
+    """A small system-like tree and random data, larger than a relay's ring."""
     where = tmp_path_factory.mktemp("mcast")
     root = where / "root"
     make_tree(root)
-    (root / "padding").write_bytes(os.urandom(8 << 20))
+    (root / "padding").write_bytes(os.urandom(PADDING_MB << 20))
     data = io.BytesIO()
     with tarfile.open(fileobj=data, mode="w", format=tarfile.GNU_FORMAT) as archive:
         archive.add(root, arcname=".")
@@ -51,20 +58,23 @@ def image(tmp_path_factory):
 def chaincast(bed, image, *args):
     done = on_frontend(bed, "ka-chaincast", "--method", "multicast", "--image", str(image),
                        "--to", "/tmp/mcast", "--stall-timeout", "10", "--format", "json",
-                       "-m", ",".join(NODES), *args, text=True, timeout=300)
+                       "--ring-size", str(RING_MB), "-v", "-m", ",".join(NODES), *args,
+                       text=True, timeout=300)
     assert done.returncode in (0, 1), done.stderr
     return {r["node"]: r for r in map(json.loads, done.stdout.splitlines())}, done
 
 
-def test_every_node_gets_the_same_tree(bed, image):
+def test_every_node_gets_the_same_tree_in_bounded_memory(bed, image):
     root, path = image
     out, done = chaincast(bed, path)
     assert done.returncode == 0, done.stderr
     assert sorted(out) == NODES
+    peaks = peak_memory(done.stderr)
     for node in NODES:
         assert out[node]["status"] == "ok", out[node]
         seen = bed.ssh(node, remote_tree_digest_command("/tmp/mcast"))
         assert seen.stdout.strip() == tree_digest(root), node
+        assert peaks[node] < PADDING_MB, (node, peaks)   # the stream goes through the ring
 
 
 def netns_pids(bed, node, name):
