@@ -72,10 +72,12 @@ class Swarm:
 
     def __init__(self, path, address, ports, seed_seconds):
         self.dir = Path(tempfile.mkdtemp(prefix="kabin-bt-"))
+        self.dir.chmod(0o755)       # opentracker reads its whitelist as user nobody
         self.procs = []
         try:
             self.torrent, info_hash = make_torrent(path, f"http://{address}:{ports[0]}/announce")
             (self.dir / "whitelist").write_text(info_hash + "\n")
+            (self.dir / "whitelist").chmod(0o644)
             (self.dir / "torrent").write_bytes(self.torrent)
             (self.dir / TORRENT_NAME).symlink_to(Path(path).resolve())
             self._start([TRACKER, "-i", address, "-p", str(ports[0]), "-P", str(ports[0]),
