@@ -3,9 +3,15 @@
 import bz2
 import gzip
 import hashlib
+import io
 import lzma
 import os
 import re
+import signal
+import subprocess
+import tarfile
+import time
+from pathlib import Path
 
 import zstandard
 
@@ -72,3 +78,61 @@ def peak_memory(stderr):
     """node -> its agent's peak memory in MB, as ka-chaincast -v logs it."""
     return {m[1]: float(m[2]) for m in re.finditer(r"(node-\d+): received and written .*"
                                                    r"peak memory ([\d.]+) MB", stderr)}
+
+
+def padded_tar_zst(where, padding_mb):
+    """(root, image path): make_tree plus ``padding_mb`` MB of random data, as a tar.zst."""
+    root = where / "root"
+    make_tree(root)
+    (root / "padding").write_bytes(os.urandom(padding_mb << 20))
+    data = io.BytesIO()
+    with tarfile.open(fileobj=data, mode="w", format=tarfile.GNU_FORMAT) as archive:
+        archive.add(root, arcname=".")
+    path = where / "image.tar.zst"
+    path.write_bytes(compress("zstd", data.getvalue()))
+    return root, path
+
+
+def netns_pids(bed, node, name):
+    """The pids of the processes called ``name`` in ``node``'s namespace."""
+    netns = f"{bed.layout.netns_prefix}{node}"
+    pids = subprocess.run(["ip", "netns", "pids", netns], capture_output=True, text=True).stdout
+    return [pid for pid in pids.split() if _command_name(pid) == name]
+
+
+def _command_name(pid):
+    try:
+        return Path(f"/proc/{pid}/comm").read_text().strip()
+    except OSError:     # it ended meanwhile
+        return None
+
+
+def kill_midstream(bed, receiver, program, victim, after, killed):
+    """Once ``program`` runs on ``receiver`` (and ``after`` seconds more), kill it
+    and power ``victim`` off; ``killed`` is set then. Gives up after 60 s."""
+    deadline = time.monotonic() + 60
+    while not killed.is_set() and time.monotonic() < deadline:
+        for pid in netns_pids(bed, receiver, program):
+            time.sleep(after)
+            try:
+                os.kill(int(pid), signal.SIGKILL)
+            except ProcessLookupError:
+                continue
+            bed.power(victim, "off")
+            killed.set()
+        time.sleep(0.1)
+
+
+def netns_instance(suffix, count, link_rate="100mbit"):
+    """A netns testbed instance of ``count`` nodes (a module fixture's body: yields it)."""
+    import pytest
+
+    from kabin.testbed.instance import Testbed
+
+    if os.geteuid() != 0:
+        pytest.skip("the testbed needs root")
+    name = os.environ.get("KABIN_TESTBED_INSTANCE", "pytest") + "-" + suffix
+    bed = Testbed(name).up(count, netns=True, link_rate=link_rate, boot_delay=1.0)
+    yield bed
+    if os.environ.get("KABIN_TESTBED_KEEP") != "1":
+        bed.down()

@@ -1,27 +1,21 @@
 """ka-chaincast --method bittorrent on six netns nodes: a tracker and a seeder on the
 frontend, aria2c on every node, real sshd, real bridges and shaped links."""
 
-import io
 import json
-import os
-import signal
 import subprocess
-import tarfile
 import threading
-import time
 
 import pytest
 from chaincast_support import (
-    compress,
-    make_tree,
+    kill_midstream,
+    netns_instance,
+    netns_pids,
+    padded_tar_zst,
     peak_memory,
     remote_tree_digest_command,
     tree_digest,
 )
 from deploy_support import kadeploy, on_frontend
-from test_chaincast_multicast import netns_pids
-
-from kabin.testbed.instance import Testbed
 
 pytestmark = pytest.mark.testbed
 
@@ -31,28 +25,13 @@ PADDING_MB, RING_MB = 40, 4
 
 @pytest.fixture(scope="module")
 def bed():
-    if os.geteuid() != 0:
-        pytest.skip("the testbed needs root")
-    name = os.environ.get("KABIN_TESTBED_INSTANCE", "pytest") + "-bt"
-    bed = Testbed(name).up(len(NODES), netns=True, link_rate="100mbit", boot_delay=1.0)
-    yield bed
-    if os.environ.get("KABIN_TESTBED_KEEP") != "1":
-        bed.down()
+    yield from netns_instance("bt", len(NODES))
 
 
 @pytest.fixture(scope="module")
 def image(tmp_path_factory):
     """A small system-like tree and random data, larger than a relay's ring."""
-    where = tmp_path_factory.mktemp("bt")
-    root = where / "root"
-    make_tree(root)
-    (root / "padding").write_bytes(os.urandom(PADDING_MB << 20))
-    data = io.BytesIO()
-    with tarfile.open(fileobj=data, mode="w", format=tarfile.GNU_FORMAT) as archive:
-        archive.add(root, arcname=".")
-    path = where / "image.tar.zst"
-    path.write_bytes(compress("zstd", data.getvalue()))
-    return root, path
+    return padded_tar_zst(tmp_path_factory.mktemp("bt"), PADDING_MB)
 
 
 def chaincast(bed, path, dest, stdin):
@@ -86,29 +65,19 @@ def test_a_killed_node_is_ko_a_ko_record_passes_and_a_lost_download_is_repaired(
     stdin = "".join(json.dumps({"node": n, "status": "ok"}) + "\n" for n in NODES[:5])
     stdin += json.dumps({"node": "node-6", "status": "ko", "error": "earlier", "step": "x"}) + "\n"
     killed = threading.Event()
-
-    def kill_node5_download_and_node3():
-        deadline = time.monotonic() + 60
-        while not killed.is_set() and time.monotonic() < deadline:
-            for pid in netns_pids(bed, "node-5", "aria2c"):
-                time.sleep(1.0)                   # mid-download: it has joined the swarm
-                os.kill(int(pid), signal.SIGKILL)
-                bed.power("node-3", "off")
-                killed.set()
-            time.sleep(0.1)
-
-    killer = threading.Thread(target=kill_node5_download_and_node3, daemon=True)
+    killer = threading.Thread(target=kill_midstream, daemon=True,
+                              args=(bed, "node-5", "aria2c", "node-3", 1.0, killed))
     killer.start()
     try:
         out, done = chaincast(bed, path, "/tmp/bt2", stdin)
     finally:
         killer.join(70)
         bed.power("node-3", "on")
-    assert killed.is_set()
+    assert killed.is_set(), done.stderr
     assert done.returncode == 1, done.stderr
     assert out["node-6"] == {"node": "node-6", "status": "ko", "error": "earlier", "step": "x"}
     assert out["node-3"]["status"] == "ko" and out["node-3"]["error"], out["node-3"]
-    assert "repaired by unicast" in done.stderr
+    assert "repaired by unicast" in done.stderr, done.stderr
     for node in ("node-1", "node-2", "node-4", "node-5"):
         assert out[node]["status"] == "ok", out[node]
         seen = bed.ssh(node, remote_tree_digest_command("/tmp/bt2"))

@@ -156,7 +156,7 @@ class Broadcast:
             self.written = self.digest if self.store else WrittenDigest(self.image, self.halt)
         try:
             if self.options.method == "bittorrent":
-                self.engine = self._swarm(wanted[0]["node"])
+                self.engine = self._swarm([record["node"] for record in wanted])
             yield from self._start(wanted)
             ready = [name for name, n in self.nodes.items() if _ready(n)]
             if ready:
@@ -221,11 +221,17 @@ class Broadcast:
                 "stall": int(self.options.stall_timeout),
                 "seed_minutes": (self.options.timeout + self.options.start_timeout) / 60}
 
-    def _swarm(self, first):
-        """Tracker and seeder, on the frontend's address towards the nodes (``first``'s)."""
-        address = route_towards(_resolve(self.address_of(first)) or first)[1]
-        return Swarm(self.image.path, address, self.ports,
-                     self.options.timeout + self.options.start_timeout)
+    def _swarm(self, names):
+        """Tracker and seeder, on the frontend's address towards the nodes (the first
+        known one's; the unknown ones fail in ``_start``)."""
+        for name in names:
+            try:
+                address = _resolve(self.address_of(name)) or name
+            except KabinError:
+                continue
+            return Swarm(self.image.path, route_towards(address)[1], self.ports,
+                         self.options.timeout + self.options.start_timeout)
+        return None
 
     def _wire(self, ready):
         switch_of = self.switch_of if self.options.order == "topology" else None
