@@ -22,11 +22,11 @@ from pathlib import Path
 
 from ..errors import KabinError
 from ..parallel import Deadline
-from .receivers import TORRENT_NAME
+from .receivers import ARIA2C, TORRENT_NAME, peer_ports
 
 log = logging.getLogger(__name__)
 
-TRACKER, CLIENT = "opentracker", "aria2c"
+TRACKER = "opentracker"
 TRACKER_START = 10.0        # seconds for the tracker to listen
 
 
@@ -83,12 +83,8 @@ class Swarm:
             self._start([TRACKER, "-i", address, "-p", str(ports[0]), "-P", str(ports[0]),
                          "-w", str(self.dir / "whitelist")], "Debian package opentracker")
             _wait_listening(address, ports[0], self.procs[0])
-            self._start([CLIENT, f"--dir={self.dir}", f"--listen-port={ports[0] + 1}-{ports[1]}",
-                         "--bt-seed-unverified=true", "--seed-ratio=0.0",
-                         f"--seed-time={seed_seconds / 60:.2f}", "--enable-dht=false",
-                         "--enable-dht6=false", "--bt-enable-lpd=false",
-                         "--bt-tracker-interval=1", "--console-log-level=error",
-                         "--summary-interval=0", "--show-console-readout=false",
+            self._start([*ARIA2C, f"--dir={self.dir}", f"--listen-port={peer_ports(ports)}",
+                         "--bt-seed-unverified=true", f"--seed-time={seed_seconds / 60:.2f}",
                          str(self.dir / "torrent")], "Debian package aria2")
         except BaseException:
             self.close()

@@ -199,7 +199,7 @@ class Broadcast:
                "ring": self.options.ring, "interval": self.options.interval,
                "verify": self.options.verify, "multicast": self._multicast_job(bind or address),
                "bittorrent": self._bittorrent_job(),
-               "deadline": self.options.timeout + self.options.start_timeout}
+               "deadline": self._lifetime()}
         return self.launcher.start(name, job, self.events, self.options.start_timeout)
 
     def _multicast_job(self, interface):
@@ -217,9 +217,12 @@ class Broadcast:
         if self.options.method != "bittorrent":
             return None
         return {"torrent": self.engine.job(), "spool": self.options.spool,
-                "ports": f"{self.ports[0] + 1}-{self.ports[1]}",
-                "stall": int(self.options.stall_timeout),
-                "seed_minutes": (self.options.timeout + self.options.start_timeout) / 60}
+                "ports": list(self.ports), "stall": int(self.options.stall_timeout),
+                "seed_seconds": self._lifetime()}
+
+    def _lifetime(self):
+        """The longest an agent (and what it runs: aria2c seeding) lives: start-up and broadcast."""
+        return self.options.timeout + self.options.start_timeout
 
     def _swarm(self, names):
         """Tracker and seeder, on the frontend's address towards the nodes (the first
@@ -230,7 +233,7 @@ class Broadcast:
             except KabinError:
                 continue
             return Swarm(self.image.path, route_towards(address)[1], self.ports,
-                         self.options.timeout + self.options.start_timeout)
+                         self._lifetime())
         return None
 
     def _wire(self, ready):

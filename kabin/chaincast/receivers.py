@@ -19,6 +19,15 @@ except ImportError:
     pass
 
 TORRENT_NAME = "image"      # the file a torrent describes, as the frontend names it
+# aria2c in kabin's swarms (the nodes' and the frontend's seeder): the tracker only, quiet
+ARIA2C = ("aria2c", "--enable-dht=false", "--enable-dht6=false", "--bt-enable-lpd=false",
+          "--bt-tracker-interval=1", "--seed-ratio=0.0", "--console-log-level=error",
+          "--summary-interval=0", "--show-console-readout=false")
+
+
+def peer_ports(ports):
+    """The ports aria2c listens on: the range but its first (the tracker's)."""
+    return f"{ports[0] + 1}-{ports[1]}"
 
 
 def pour(agent, read):
@@ -97,13 +106,11 @@ def _start_aria2c(spool, bittorrent):
     with open(hook, "w") as out:
         out.write(f"#!/bin/sh\necho done > {fifo}\n")
     os.chmod(hook, 0o700)
-    argv = ["aria2c", f"--dir={spool}", f"--listen-port={bittorrent['ports']}",
-            "--enable-dht=false", "--enable-dht6=false", "--bt-enable-lpd=false",
-            "--seed-ratio=0.0", f"--seed-time={bittorrent['seed_minutes']:.2f}",
-            f"--bt-stop-timeout={bittorrent['stall']}", "--bt-tracker-interval=1",
+    argv = [*ARIA2C, f"--dir={spool}", f"--listen-port={peer_ports(bittorrent['ports'])}",
+            f"--seed-time={bittorrent['seed_seconds'] / 60:.2f}",
+            f"--bt-stop-timeout={bittorrent['stall']}",
             "--file-allocation=none", "--stream-piece-selector=inorder",
             "--allow-overwrite=true", "--auto-file-renaming=false",
-            "--console-log-level=error", "--summary-interval=0", "--show-console-readout=false",
             f"--on-bt-download-complete={hook}", torrent]
     proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
                             stderr=subprocess.DEVNULL)
