@@ -101,14 +101,21 @@ def _same_reboot(a, b):
      "step": "send_environment"},
     {"image": "/srv/tools.tgz", "store": True, "dest": "/tmp/tools.tgz", "method": "auto"},
     {"env": "debian12", "method": "multicast", "min_receivers": 6, "fec": "8x8/128"},
+    {"env": "debian12", "method": "bittorrent", "spool": "/var/tmp"},
 ])
 def test_chaincast_options_round_trip(fields):
     options = chaincast.Options(**fields)
     params = parsed(chaincast_cli.cli, options.to_argv())
     keep = ("env_spec", "owner", "image_file", "kind", "compression", "dest", "store", "method",
             "tree_fanout", "order", "stall_timeout", "timeout", "max_rate", "ring_size", "verify",
-            "step", "min_receivers", "fec")
+            "step", "min_receivers", "fec", "spool")
     assert chaincast_cli.options_of(**{k: params[k] for k in keep}) == options
+
+
+def test_chaincast_offers_every_method_and_auto():
+    """The command lists its methods itself (importing the library would slow its start)."""
+    method = next(p for p in chaincast_cli.cli.params if p.name == "method")
+    assert sorted(method.type.choices) == sorted(["auto", *chaincast.order.METHODS])
 
 
 @pytest.mark.parametrize("options, argv", [
