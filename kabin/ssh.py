@@ -28,6 +28,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+from . import sshagent
 from .errors import ConfigError, KabinError
 
 log = logging.getLogger(__name__)
@@ -192,20 +193,39 @@ class SshPool:
             close_quietly(channel)
         return CommandResult(node, rc, out, err, time.monotonic() - start)
 
-    def open(self, node, command, timeout):
-        """Start ``command`` on ``node`` and return its paramiko channel (caller closes it)."""
+    def open(self, node, command, timeout, forward_agent=False):
+        """Start ``command`` on ``node`` and return its paramiko channel (caller closes it).
+
+        ``forward_agent``: the command may log in to other nodes with the pool's key
+        (``ssh -A``, see ``sshagent``)."""
         import paramiko
 
         transport = self.transport(node)
         try:
             channel = transport.open_session(timeout=timeout)
             channel.settimeout(timeout)
+            if forward_agent:
+                key = self._key()
+                channel.request_forward_agent(lambda forwarded: sshagent.serve(forwarded, key))
             channel.exec_command(command)
         except (OSError, EOFError, paramiko.SSHException) as exc:
             self.forget(node)
             raise SshError(f"cannot run a command: {_reason(exc)}") from None
         log.debug("%s: started %s", node, command)
         return channel
+
+    def client_options(self, hosts):
+        """(OpenSSH client options, known-hosts text) for a node logging in to ``hosts``
+        ((address, port) pairs) as the pool would: same user, same host key policy
+        (a host this pool has no key of is refused, where the pool would trust it)."""
+        options = ["-A", "-T", "-l", self.ssh.user, "-o", "BatchMode=yes",
+                   "-o", f"ConnectTimeout={max(1, int(self.ssh.connect_timeout))}",
+                   "-o", "LogLevel=ERROR", "-o", "UpdateHostKeys=no"]
+        if self.host_keys is None:
+            return options + ["-o", "StrictHostKeyChecking=no",
+                              "-o", "UserKnownHostsFile=/dev/null"], ""
+        known = "".join(line + "\n" for line in self.host_keys.known_lines(hosts))
+        return options + ["-o", "StrictHostKeyChecking=yes"], known
 
     def send(self, node, data, dest, mode=0o644, timeout=60):
         """Write ``data`` to ``dest`` on the node atomically (temporary file + rename).
@@ -269,6 +289,16 @@ class HostKeyStore:
                 return
             self._keys.add(name, key.get_name(), key)
             self._dirty = True
+
+    def known_lines(self, hosts):
+        """The known-hosts lines of ``hosts`` ((address, port) pairs) that have a key."""
+        lines = []
+        with self._lock:
+            for address, port in hosts:
+                name = self._name(address, port)
+                for kind, key in (self._loaded().lookup(name) or {}).items():
+                    lines.append(f"{name} {kind} {key.get_base64()}")
+        return lines
 
     def save(self):
         with self._lock:

@@ -51,6 +51,7 @@ try:  # in the package; on a node, sinks.py and written.py come first in the sam
     )
     from .written import observed_tree, read_back
     from .receivers import receive_bittorrent, receive_multicast
+    from .spawn import connect_control, launch_children
     from .links import (
         HANDSHAKE_TIMEOUT,
         IO_TICK,
@@ -272,7 +273,8 @@ class Agent:
     def emit_ready(self):
         """The first event, written by hand: json is imported once the sender knows we are up."""
         port = self.listener.getsockname()[1]
-        self._write(f'{{"ev": "ready", "port": {port}, "pid": {os.getpid()}}}\n')
+        via = (os.environ.get("SSH_CONNECTION") or "-").split()[0]   # who started us
+        self._write(f'{{"ev": "ready", "port": {port}, "pid": {os.getpid()}, "via": "{via}"}}\n')
 
     def _write(self, line):
         with self.lock:
@@ -524,10 +526,20 @@ def _start(target):
     threading.Thread(target=target, daemon=True).start()
 
 
-def run(stdin, stdout, job=None):
-    """Serve one job (read from the first line if not given), then the commands, until EOF."""
+def run(stdin, stdout, job=None, program=None):
+    """Serve one job (read from the first line if not given), then the commands, until EOF.
+
+    With a tree launch (job ``control``), commands and events go over a connection to
+    the frontend, and the agents of the job's launch children are started from here
+    with ``program`` (see ``spawn``)."""
     if job is None:
         job = _json().loads(stdin.readline())
+    if job.get("control"):
+        try:
+            control = connect_control(job["control"], job["token"], job["name"])
+        except OSError as exc:
+            sys.exit(f"kabin chaincast agent: cannot reach the frontend: {reason(exc)}")
+        stdin, stdout = control.makefile("r", encoding="utf-8"), control.makefile("w", encoding="utf-8")
     try:
         agent = Agent(job, stdout)
     except OSError as exc:
@@ -538,6 +550,8 @@ def run(stdin, stdout, job=None):
     timer.daemon = True
     timer.start()
     agent.emit_ready()
+    if program is not None:
+        launch_children(job, program, agent.emit)
     for target in (agent.accept_loop, agent.receive_loop, agent.sink_loop, agent.report_loop):
         _start(target)
     decode = _json().loads
@@ -554,7 +568,8 @@ def run(stdin, stdout, job=None):
 
 def main():
     stdin = os.fdopen(0, "r", buffering=1, closefd=False)
-    code = run(stdin, sys.stdout, globals().get("KABIN_JOB"))  # given by launch's bootstrap
+    code = run(stdin, sys.stdout, globals().get("KABIN_JOB"),  # given by launch's bootstrap
+               globals().get("KABIN_PROGRAM"))
     sys.stdout.flush()
     os._exit(code)  # daemon threads may be blocked in I/O: do not wait for them
 

@@ -62,10 +62,12 @@ class Options:
     max_rate: float | None = None    # bytes per second the source sends at most
     ring: int = 16 * MB              # bytes each relay keeps for repairs (its memory bound)
     verify: str = "written"          # written (read back from the disk) | stream (as received)
+    launch: str = "auto"             # direct | tree | auto (tree past start_fanout nodes)
+    launch_fanout: int = 8           # agents each agent starts, with a tree launch
     step: str = STEP
     start_timeout: float = 60.0      # starting every agent
     interval: float = 1.0            # seconds between two state reports of an agent
-    start_fanout: int = 64           # agents started at once
+    start_fanout: int = 64           # agents started at once by the frontend
     progress_every: float = 2.0      # seconds between two progress lines
 
     def to_argv(self):
@@ -86,6 +88,10 @@ class Options:
             argv += [f"--fec={self.fec}"] if self.fec else []
         if self.method == "bittorrent" and self.spool != default.spool:
             argv.append(f"--spool={self.spool}")
+        if self.launch != default.launch:
+            argv.append(f"--launch={self.launch}")
+        if self.launch_fanout != default.launch_fanout:
+            argv.append(f"--launch-fanout={self.launch_fanout}")
         for flag, name, unit in (("--stall-timeout", "stall_timeout", 1), ("--timeout", "timeout", 1),
                                  ("--max-rate", "max_rate", MB), ("--ring-size", "ring", MB)):
             value = getattr(self, name)
@@ -106,6 +112,7 @@ class _Node:
     usage: dict | None = None        # the agent's CPU seconds and peak memory when it was done
     fed: float = 0.0                 # when its parent last reported it took data (a sign of life)
     fed_offset: int = -1             # the offset its parent reported then
+    via: str | None = None           # the address its agent was started from (SSH), or "-"
 
 
 class Broadcast:
@@ -133,6 +140,7 @@ class Broadcast:
         self.nodes, self.topology, self.source, self.digest = {}, None, None, None
         self.written = None
         self.engine = None                 # multicast's UdpSender, bittorrent's Swarm
+        self.launching = None              # a tree launch (closed at the end)
 
     # ------------------------------------------------------------ the whole run
 
@@ -175,11 +183,12 @@ class Broadcast:
                 self.nodes[name] = _Node(record, None)
                 yield from self._fail(name, str(exc))
                 continue
-            self.executor.submit(self._start_one, name, node.address,
-                                 on_done=lambda handle, exc, name=name: self.events.put(
-                                     (name, {"ev": "started", "handle": handle, "error": exc})))
-        start = Deadline(self.options.start_timeout)
         waiting = {name for name, node in self.nodes.items() if node.status is None}
+        self.launching = self.launcher.launch(
+            {name: self.nodes[name].address for name in self._ordered(
+                [name for name in self.nodes if name in waiting])}, self._job,
+            self.events, self.options.start_timeout, self.executor, self._launch_fanout(waiting))
+        start = Deadline(self.options.start_timeout)
         while waiting and not start.expired:
             try:
                 name, event = self.events.get(timeout=start.remaining())
@@ -191,16 +200,27 @@ class Broadcast:
         for name in waiting:
             yield from self._fail(name, f"relay agent not ready after {self.options.start_timeout:.0f} s")
 
-    def _start_one(self, name, address):
+    def _launch_fanout(self, names):
+        """The fanout of a tree launch, or None when the frontend starts every agent."""
+        how = self.options.launch
+        if how == "tree" or (how == "auto" and len(names) > self.options.start_fanout):
+            return self.options.launch_fanout
+        return None
+
+    def _ordered(self, names):
+        switch_of = self.switch_of if self.options.order == "topology" else None
+        return order.order_nodes(names, self.options.order, switch_of, self.uplink_of)
+
+    def _job(self, name, address):
+        """What ``name``'s agent is told when it starts."""
         bind = _resolve(address)
-        job = {"name": name, "token": self.token, "size": self.image.size, "kind": self.image.kind,
+        return {"name": name, "token": self.token, "size": self.image.size, "kind": self.image.kind,
                "compression": self.image.compression, "store": self.store,
                "dest": self.dest_of(name), "ports": list(self.ports), "bind": bind,
                "ring": self.options.ring, "interval": self.options.interval,
                "verify": self.options.verify, "multicast": self._multicast_job(bind or address),
                "bittorrent": self._bittorrent_job(),
                "deadline": self._lifetime()}
-        return self.launcher.start(name, job, self.events, self.options.start_timeout)
 
     def _multicast_job(self, interface):
         """What a node's receiver needs (None with the other methods): it gives up when no
@@ -237,8 +257,7 @@ class Broadcast:
         return None
 
     def _wire(self, ready):
-        switch_of = self.switch_of if self.options.order == "topology" else None
-        ordered = order.order_nodes(ready, self.options.order, switch_of, self.uplink_of)
+        ordered = self._ordered(ready)
         self.source = Source(self.image.path, self.image.size, self.token, self.events, self.halt,
                              self.options.max_rate)
         self.wired = time.monotonic()
@@ -303,7 +322,8 @@ class Broadcast:
         elif kind == "started":
             yield from self._started(name, event)
         elif kind == "ready":
-            node.port, node.heard = event["port"], time.monotonic()
+            node.port, node.heard, node.via = event["port"], time.monotonic(), event.get("via")
+            log.debug("%s: agent ready, started from %s", name, node.via)
             if self.topology is not None:  # too late: the chain is wired
                 yield from self._fail(name, "relay agent started too late")
         elif kind == "done":
@@ -472,6 +492,8 @@ class Broadcast:
             self.source.close()
         if self.engine is not None:
             self.engine.close()
+        if self.launching is not None:
+            self.launching.close()
 
 
 def broadcast_timeout(size):

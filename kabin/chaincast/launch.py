@@ -39,18 +39,18 @@ def r(n):
   b+=c
  return b
 c,s,j=r(%d),r(%d),r(%d)
-exec(marshal.loads(c) if sys.implementation.cache_tag==%r else compile(s,"kabin-chaincast-agent","exec"),{"__name__":"__main__","KABIN_JOB":marshal.loads(j)})
+exec(marshal.loads(c) if sys.implementation.cache_tag==%r else compile(s,"kabin-chaincast-agent","exec"),{"__name__":"__main__","KABIN_JOB":marshal.loads(j),"KABIN_PROGRAM":(c,s)})
 """
 EXIT_WAIT = 5.0  # how long to wait for an exit status once the output has ended
 
 
 def agent_source():
     """The agent as one script: ``sinks.py``, ``written.py``, ``links.py``,
-    ``receivers.py``, then ``agent.py`` (which imports them when packaged)."""
+    ``receivers.py``, ``spawn.py``, then ``agent.py`` (which imports them when packaged)."""
     here = Path(__file__).parent
     return b"\n".join((here / name).read_bytes()
                       for name in ("sinks.py", "written.py", "links.py", "receivers.py",
-                                   "agent.py"))
+                                   "spawn.py", "agent.py"))
 
 
 @functools.lru_cache(maxsize=1)
@@ -59,12 +59,42 @@ def _program():
     return marshal.dumps(compile(source, "kabin-chaincast-agent", "exec")), source
 
 
+def bootstrap_template():
+    """BOOTSTRAP for this python's bytecode; the lengths are left to fill (``% (c, s, j)``)."""
+    return BOOTSTRAP.replace("%r", repr(sys.implementation.cache_tag))
+
+
 def agent_start(python, job):
     """(argv, stdin) of an agent: its command line, and what to send it first."""
     code, source = _program()
     packed = marshal.dumps(job)
-    bootstrap = BOOTSTRAP % (len(code), len(source), len(packed), sys.implementation.cache_tag)
+    bootstrap = bootstrap_template() % (len(code), len(source), len(packed))
     return [python, "-c", bootstrap, "kabin-chaincast-agent"], code + source + packed
+
+
+def program():
+    """(code, source) of the agent, as an agent passes them on (see ``spawn``)."""
+    return _program()
+
+
+class Launcher:
+    """What every launcher does: start each node's agent, each start ending with a
+    ``started`` event (the handle, or the error) on the broadcast's queue."""
+
+    def launch(self, nodes, job_of, events, timeout, executor, tree=None):
+        """Start the agents of ``nodes`` (name -> address), ``job_of(name, address)``
+        their jobs; returns what to close when the broadcast ends (or None).
+        ``tree``: the fanout of a tree launch (SSH only; None: the frontend starts all)."""
+        for name, address in nodes.items():
+            executor.submit(lambda name=name, address=address: self.start(
+                name, job_of(name, address), events, timeout),
+                on_done=lambda handle, exc, name=name: events.put((name, started(handle, exc))))
+        return None
+
+
+def started(handle, error):
+    """The event a finished start puts on the queue."""
+    return {"ev": "started", "handle": handle, "error": error}
 
 
 class AgentHandle:
@@ -73,6 +103,7 @@ class AgentHandle:
     def __init__(self, node, events):
         self.node, self.events = node, events
         self.pid = None
+        self.intercept = None           # intercept(event): True if it took the event
         self._lock = threading.Lock()
         self._closed = False
 
@@ -90,7 +121,8 @@ class AgentHandle:
                     continue
                 if event.get("ev") == "ready":
                     self.pid = event.get("pid")
-                self.events.put((self.node, event))
+                if not (self.intercept and self.intercept(event)):
+                    self.events.put((self.node, event))
         except (OSError, EOFError) as exc:
             log.debug("%s: agent output lost: %s", self.node, exc)
         self.events.put((self.node, {"ev": "exit", "reason": self.exit_reason()}))
@@ -107,8 +139,19 @@ class AgentHandle:
             except (OSError, EOFError):
                 return False
 
+    def kill(self):
+        """Kill a stalled agent (best effort, in the background, over SSH)."""
+        if self.pid and getattr(self, "pool", None) is not None:
+            threading.Thread(target=self._kill, daemon=True).start()
+
+    def _kill(self):
+        try:
+            self.pool.run(self.node, f"kill -9 {int(self.pid)}", timeout=10)
+        except (KabinError, OSError) as exc:  # the node may be gone: nothing more to do
+            log.debug("%s: cannot kill the agent: %s", self.node, exc)
+
     def close(self):
-        """End the agent: its stdin closes, so it exits."""
+        """End the agent: its commands end (stdin or connection closed), so it exits."""
         with self._lock:
             if self._closed:
                 return
@@ -142,7 +185,7 @@ class _LocalHandle(AgentHandle):
             pass
 
 
-class LocalLauncher:
+class LocalLauncher(Launcher):
     """Runs agents as local processes (``python`` defaults to this interpreter)."""
 
     def __init__(self, python=None):
@@ -180,39 +223,40 @@ class _SshHandle(AgentHandle):
             err += channel.recv_stderr(65536)
         return _describe_exit(channel.exit_status, err.decode("utf-8", "replace"))
 
-    def kill(self):
-        """Kill a stalled agent (best effort, in the background)."""
-        if self.pid:
-            threading.Thread(target=self._kill, daemon=True).start()
-
-    def _kill(self):
-        try:
-            self.pool.run(self.node, f"kill -9 {int(self.pid)}", timeout=10)
-        except (KabinError, OSError) as exc:  # the node may be gone: nothing more to do
-            log.debug("%s: cannot kill the agent: %s", self.node, exc)
-
     def _close(self):
         close_quietly(self.channel)
 
 
-class SshLauncher:
+class SshLauncher(Launcher):
     """Runs agents on the nodes through an ``SshPool``."""
 
     def __init__(self, pool, python="python3"):
         self.pool, self.python = pool, python
 
     def start(self, node, job, events, timeout):
-        argv, start = agent_start(self.python, job)
-        channel = self.pool.open(node, "exec " + " ".join(shlex.quote(a) for a in argv), timeout)
+        channel = self.session(node, job, timeout)
         handle = _SshHandle(node, events, channel, self.pool)
+        handle.start_reader(channel.makefile("r"))
+        return handle
+
+    def session(self, node, job, timeout, forward_agent=False):
+        """The SSH channel of a new agent on ``node``, the agent and its job sent."""
+        argv, start = agent_start(self.python, job)
+        channel = self.pool.open(node, "exec " + " ".join(shlex.quote(a) for a in argv), timeout,
+                                 forward_agent)
         try:
-            handle._write(start)
+            channel.sendall(start)
         except (OSError, EOFError) as exc:
             close_quietly(channel)
             raise OSError(f"cannot send the agent: {exc}") from None
         channel.settimeout(None)  # the broadcast watches heartbeats; close() wakes the reader
-        handle.start_reader(channel.makefile("r"))
-        return handle
+        return channel
+
+    def launch(self, nodes, job_of, events, timeout, executor, tree=None):
+        if not tree or len(nodes) <= tree:
+            return super().launch(nodes, job_of, events, timeout, executor)
+        from .treelaunch import TreeStart
+        return TreeStart(self, events, timeout, executor, tree).run(nodes, job_of)
 
     def close(self):
         self.pool.close()

@@ -55,12 +55,19 @@ MB = 1 << 20
               show_default=True, help="written: each node reads back from its disk what it "
                                       "wrote, and its digest must be the image's; stream: only "
                                       "what it received is checked.")
+@click.option("--launch", type=click.Choice(["auto", "direct", "tree"]), default="auto",
+              show_default=True,
+              help="Who starts the relay agents: direct: this host, over SSH; tree: this host "
+                   "starts a few, each agent starts others (ssh -A on the nodes: the key stays "
+                   "here); auto: tree past 64 nodes.")
+@click.option("--launch-fanout", type=click.IntRange(2), default=8, show_default=True,
+              help="Agents each agent starts, with a tree launch.")
 @common.step_option
 @common.stream_options
 @common.command
 def cli(env_spec, owner, image_file, kind, compression, dest, store, method, tree_fanout, order,
-        stall_timeout, timeout, max_rate, ring_size, verify, min_receivers, fec, spool, step,
-        **opts):
+        stall_timeout, timeout, max_rate, ring_size, verify, min_receivers, fec, spool, launch,
+        launch_fanout, step, **opts):
     """Send one image to every OK node in about the time it takes to send it to one.
 
     The source streams the image to the first node, which writes it and
@@ -85,7 +92,7 @@ def cli(env_spec, owner, image_file, kind, compression, dest, store, method, tre
 
     options = options_of(env_spec, owner, image_file, kind, compression, dest, store, method,
                          tree_fanout, order, stall_timeout, timeout, max_rate, ring_size, verify,
-                         step, min_receivers, fec, spool)
+                         step, min_receivers, fec, spool, launch, launch_fanout)
     config = common.load_config(opts)
     output = chaincast.run(config, common.read_permitted(config, opts), options)
     return common.emit(opts, output, columns=("bytes", "sha256"))
@@ -93,7 +100,7 @@ def cli(env_spec, owner, image_file, kind, compression, dest, store, method, tre
 
 def options_of(env_spec, owner, image_file, kind, compression, dest, store, method, tree_fanout,
                order, stall_timeout, timeout, max_rate, ring_size, verify, step,
-               min_receivers=None, fec=None, spool="/tmp"):
+               min_receivers=None, fec=None, spool="/tmp", launch="auto", launch_fanout=8):
     """The chaincast.Options the command line says."""
     from .. import chaincast
 
@@ -106,7 +113,8 @@ def options_of(env_spec, owner, image_file, kind, compression, dest, store, meth
         dest=dest, store=store, method=method, fanout=tree_fanout, order=order,
         stall_timeout=stall_timeout, timeout=timeout, ring=ring_size * MB,
         max_rate=max_rate * MB if max_rate else None, verify=verify,
-        min_receivers=min_receivers, fec=fec, spool=spool, step=step or chaincast.STEP)
+        min_receivers=min_receivers, fec=fec, spool=spool, launch=launch,
+        launch_fanout=launch_fanout, step=step or chaincast.STEP)
 
 
 main = common.entry_point(cli, "ka-chaincast")
