@@ -56,8 +56,9 @@ def answer(request, key):
     if request[0] == SIGN_REQUEST:
         message = Message(request[1:])
         blob, data, flags = message.get_binary(), message.get_binary(), message.get_int()
-        if blob == key.asbytes():
-            algorithm = RSA_ALGORITHMS.get(flags & 6) if key.get_name() == "ssh-rsa" else None
+        rsa = key.get_name() == "ssh-rsa"
+        algorithm = RSA_ALGORITHMS.get(flags & 6) if rsa else None
+        if blob == key.asbytes() and (algorithm or not rsa):   # no SHA-1 (ssh-rsa) signatures
             reply.add_byte(bytes([SIGN_RESPONSE]))
             reply.add_string(key.sign_ssh_data(data, algorithm).asbytes())
             return reply.asbytes()

@@ -102,13 +102,15 @@ def _same_reboot(a, b):
     {"image": "/srv/tools.tgz", "store": True, "dest": "/tmp/tools.tgz", "method": "auto"},
     {"env": "debian12", "method": "multicast", "min_receivers": 6, "fec": "8x8/128"},
     {"env": "debian12", "method": "bittorrent", "spool": "/var/tmp"},
+    {"env": "debian12", "method": "chain", "launch": "tree", "launch_fanout": 3},
+    {"env": "debian12", "method": "chain", "launch": "direct"},
 ])
 def test_chaincast_options_round_trip(fields):
     options = chaincast.Options(**fields)
     params = parsed(chaincast_cli.cli, options.to_argv())
     keep = ("env_spec", "owner", "image_file", "kind", "compression", "dest", "store", "method",
             "tree_fanout", "order", "stall_timeout", "timeout", "max_rate", "ring_size", "verify",
-            "step", "min_receivers", "fec", "spool")
+            "step", "min_receivers", "fec", "spool", "launch", "launch_fanout")
     assert chaincast_cli.options_of(**{k: params[k] for k in keep}) == options
 
 

@@ -181,3 +181,15 @@ def test_targets_are_checked():
     cfg = dataclasses.make_dataclass("C", ["server"])(None)
     with pytest.raises(ValueError):
         SshPool(cfg, "elsewhere")
+
+
+def test_nodes_are_told_the_keys_the_pool_knows(tmp_path):
+    """What a node's ssh -A gets for a tree launch: the pool's user, and with the
+    known_hosts policy the pool's keys of those hosts only (strict checking)."""
+    key = paramiko.RSAKey.generate(1024)
+    store = HostKeyStore(tmp_path / "known_hosts")
+    store.check("10.0.0.1", 25300, key)
+    store.check("10.0.0.2", 22, key)
+    lines = store.known_lines([("10.0.0.1", 25300), ("10.0.0.2", 22), ("10.0.0.3", 22)])
+    assert lines == [f"[10.0.0.1]:25300 ssh-rsa {key.get_base64()}",
+                     f"10.0.0.2 ssh-rsa {key.get_base64()}"]
