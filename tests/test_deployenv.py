@@ -79,7 +79,7 @@ def test_the_initramfs_holds_what_the_steps_run(tmp_path):
     assert size == (tmp_path / "initrd.img").stat().st_size
     listing = subprocess.run(["/bin/busybox", "cpio", "-t"], input=data, capture_output=True,
                              check=True).stdout.decode().split()
-    for needed in ("init", "usr/sbin/sshd", "usr/sbin/sfdisk", "usr/sbin/mkfs.ext4",
+    for needed in ("init", "usr/sbin/sshd", "usr/bin/ssh", "usr/sbin/sfdisk", "usr/sbin/mkfs.ext4",
                    "usr/sbin/mkfs.xfs", "usr/sbin/mkfs.vfat", "usr/sbin/mkswap", "usr/bin/tar",
                    "usr/bin/zstd", "usr/sbin/kexec", "usr/sbin/grub-install",
                    "usr/bin/efibootmgr", "usr/bin/python3", "usr/lib/grub/i386-pc/boot.img",

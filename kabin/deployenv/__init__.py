@@ -38,6 +38,7 @@ PYTHON = Path("/usr/bin/python3.11")
 # program -> Debian package (for the error that says what to install)
 PROGRAMS = {
     "/bin/busybox": "busybox-static", "/usr/sbin/sshd": "openssh-server",
+    "/usr/bin/ssh": "openssh-client",   # a chaincast agent starts others (--launch tree)
     "/usr/sbin/sfdisk": "fdisk", "/usr/bin/partx": "util-linux", "/usr/sbin/wipefs":
     "util-linux", "/usr/sbin/blkid": "util-linux", "/usr/bin/findmnt": "util-linux",
     "/usr/bin/mountpoint": "util-linux", "/usr/bin/mount": "mount", "/usr/bin/umount": "mount",
