@@ -221,7 +221,7 @@ def test_ring_keeps_the_last_bytes_for_repairs():
     assert not ring.place("child", 1000)      # gone: the child must go to the source
     ring.add("child")
     assert ring.place("child", 2500)
-    assert ring.idle("child", now=ring.progress["child"] + 5) == 5
+    assert ring.idle("child", now=ring.progress["child"] + 5) == pytest.approx(5)
 
 
 def _resident_mb():

@@ -87,3 +87,67 @@ def test_a_disk_shorter_than_what_was_written_is_an_error(tmp_path):
     dest.write_bytes(b"x" * 1000)
     with pytest.raises(OSError, match="24 bytes short"):
         written.read_back(str(dest), 1024)
+
+
+class _SyncEveryMember(io.RawIOBase):
+    """The archive's bytes, with a sync of the disk and a read-back between two
+    members (the agent's Flusher does it every second): the extraction then reads back
+    as it goes, each name right after it is written."""
+
+    def __init__(self, data, readback, root):
+        self.data, self.readback, self.root, self.position = data, readback, root, 0
+        self.reads = []
+
+    def readable(self):
+        return True
+
+    def readinto(self, buffer):
+        if self.position % 512 == 0 and self.position:
+            self.readback.sync_and_read(lambda: sinks.sync_filesystem(self.root))
+            self.reads.append(len(self.readback.lines))
+        count = min(len(buffer), 512, len(self.data) - self.position)
+        buffer[:count] = self.data[self.position:self.position + count]
+        self.position += count
+        return count
+
+
+def test_reading_back_during_the_extraction_gives_the_predicted_tree(tmp_path):
+    """Names are read back while the archive is still extracting; a name extracted
+    twice is read again (the second content is the one on the disk and in the digest)."""
+    data = _archive(tmp_path)
+    root = tmp_path / "dest"
+    root.mkdir()
+    readback = written.TreeReadBack(str(root))
+    stream = _SyncEveryMember(data, readback, str(root))
+    sinks.extract_tar(io.BufferedReader(stream, 512), str(root), readback)
+    assert readback.digest() == written.expected_tree(io.BytesIO(data))
+    assert 0 < max(stream.reads) < len(readback.lines)   # most read during, the last after
+
+
+def test_a_failed_sync_leaves_its_names_to_the_final_read(tmp_path):
+    (tmp_path / "a").write_bytes(b"content")
+    readback = written.TreeReadBack(str(tmp_path))
+    readback.extracted("a")
+
+    def failing():
+        raise OSError(5, "Input/output error")
+    with pytest.raises(OSError):
+        readback.sync_and_read(failing)
+    assert readback.lines == {}
+    assert readback.digest() == written.observed_tree(str(tmp_path), {"a"})
+
+
+def test_a_dd_image_read_back_while_it_is_written(tmp_path):
+    """The bytes synced so far are read back at each sync, the rest at the end."""
+    dest, data = tmp_path / "disk", os.urandom(3 << 20)
+    readback = written.BlockReadBack(str(dest))
+    with open(dest, "wb") as disk:
+        for start in range(0, len(data), 1 << 20):
+            disk.write(data[start:start + (1 << 20)])
+            readback.sync_and_read(lambda: (disk.flush(), os.fdatasync(disk.fileno())),
+                                   lambda: disk.tell())
+            assert readback.offset == disk.tell()
+    assert readback.digest(len(data)) == written.expected_stream(io.BytesIO(data))[1]
+    short = written.BlockReadBack(str(dest))
+    with pytest.raises(OSError, match="short"):
+        short.digest(len(data) + 1)

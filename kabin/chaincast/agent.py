@@ -49,7 +49,7 @@ try:  # in the package; on a node, sinks.py and written.py come first in the sam
         store_file,
         write_blocks,
     )
-    from .written import observed_tree, read_back
+    from .written import BlockReadBack, TreeReadBack, read_back
     from .receivers import receive_bittorrent, receive_multicast
     from .spawn import connect_control, launch_children
     from .links import (
@@ -257,6 +257,7 @@ class Agent:
         self.children = {}                  # name -> Forwarder
         self.sink_error, self.sink_done, self.received = None, False, False
         self.written = None                 # the written data's digest, read back (job "verify")
+        self.timeline = {}                  # when the stream was received, written (seconds)
         self.lock = threading.Lock()
         self.done_sent = False
         self.closing = threading.Event()
@@ -374,6 +375,7 @@ class Agent:
                 self.digest.update(view[:count])
                 self.last_recv = time.monotonic()
         self.received = True
+        self.timeline["received"] = self._elapsed()
         self._maybe_done()
 
     # -------------------------------------------------------- sink
@@ -381,20 +383,25 @@ class Agent:
     def sink_loop(self):
         job, raw = self.job, RingReader(self.ring)
         try:
+            verify = job.get("verify") == "written"
             if job["store"]:
                 store_file(raw, job["dest"])
                 check = functools.partial(read_back, job["dest"])
             else:
                 stream = decompressed(raw, job["compression"])
                 if job["kind"] == "tar":
-                    names = extract_tar(stream, job["dest"])
-                    check = functools.partial(observed_tree, os.path.realpath(job["dest"]), names)
+                    os.makedirs(job["dest"], exist_ok=True)
+                    tree = TreeReadBack(os.path.realpath(job["dest"])) if verify else None
+                    extract_tar(stream, job["dest"], tree)
+                    check = tree and tree.digest
                 else:
-                    size = write_blocks(stream, job["dest"])
-                    check = functools.partial(read_back, job["dest"], size)
+                    blocks = BlockReadBack(job["dest"]) if verify else None
+                    size = write_blocks(stream, job["dest"], blocks)
+                    check = blocks and functools.partial(blocks.digest, size)
                 drain(stream)  # to the end: the decompressor checks the stream's trailer
             drain(raw)
-            if job.get("verify") == "written":
+            self.timeline["written"] = self._elapsed()
+            if verify:
                 self.written = check()
         except Aborted:
             return
@@ -414,7 +421,10 @@ class Agent:
             self.done_sent = True
         written = {"written": self.written} if self.written else {}
         self.emit("done", bytes=self.ring.head, sha256=self.digest.hexdigest(), **written,
-                  time=round(time.monotonic() - self.started, 3), **_usage())
+                  time=self._elapsed(), timeline=self.timeline, **_usage())
+
+    def _elapsed(self):
+        return round(time.monotonic() - self.started, 3)
 
     # -------------------------------------------------------- children
 

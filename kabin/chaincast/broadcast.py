@@ -358,6 +358,8 @@ class Broadcast:
         self.nodes[name].usage = usage = {k: event[k] for k in ("cpu", "peak_mb") if k in event}
         log.info("%s: received and written (agent: %s s of CPU, peak memory %s MB)", name,
                  usage.get("cpu", "?"), usage.get("peak_mb", "?"))
+        log.debug("%s: agent's timeline (s): %s, done %s", name, event.get("timeline"),
+                  event.get("time"))
         fields = {"bytes": event["bytes"], "sha256": event["sha256"]}
         if "written" in event:
             fields["written_sha256"] = event["written"]

@@ -160,8 +160,10 @@ def _clear(target, member):
         os.unlink(target)
 
 
-def extract_tar(stream, dest):
-    """Extract a tar stream into ``dest`` with ``MemberGuard`` checks; returns the names extracted."""
+def extract_tar(stream, dest, readback=None):
+    """Extract a tar stream into ``dest`` with ``MemberGuard`` checks; returns the names
+    extracted. ``readback`` (a ``written.TreeReadBack``) is told each name once it is
+    extracted, and reads back what each periodic sync wrote."""
     import tarfile  # here, not at the top: the agent is ready sooner
 
     os.makedirs(dest, exist_ok=True)
@@ -169,17 +171,26 @@ def extract_tar(stream, dest):
     guard, names = MemberGuard(root), set()
 
     def checked(archive):
+        done = None   # the member extractall asked for before this one: now extracted
         for member in archive:
             if len(names) % 1024 == 1023:  # extractall keeps its own list of directories
                 del archive.members[:]
             member = guard.check(member)
-            names.add(os.path.normpath(member.name))
+            if readback and done:
+                readback.extracted(done)
+            done = os.path.normpath(member.name)
+            names.add(done)
             yield member
+        if readback and done:
+            readback.extracted(done)
+
+    def sync():
+        sync_filesystem(root)
 
     # Mode "r:" over a forward-only reader: tarfile then copies each member's data
     # straight from the decompressor to its file ("r|" buffers and re-slices it all).
     with tarfile.open(fileobj=ForwardReader(stream), mode="r:") as archive, \
-            Flusher(lambda: sync_filesystem(root)):
+            Flusher(functools.partial(readback.sync_and_read, sync) if readback else sync):
         archive.copybufsize = 1 << 20
         options = {"numeric_owner": True}
         if hasattr(tarfile, "fully_trusted_filter"):  # our checks replace tarfile's filters
@@ -226,13 +237,14 @@ class ForwardReader:
         return data
 
 
-def write_blocks(stream, dest):
-    """Write the stream to a block device or a file (``dd``); returns the bytes written."""
+def write_blocks(stream, dest, readback=None):
+    """Write the stream to a block device or a file (``dd``); returns the bytes written.
+    ``readback`` (a ``written.BlockReadBack``) reads back what each periodic sync wrote."""
     existing = os.stat(dest).st_mode if os.path.exists(dest) else 0
     flags = os.O_WRONLY
     if not (stat.S_ISBLK(existing) or stat.S_ISCHR(existing)):
         flags |= os.O_CREAT | os.O_TRUNC
-    return _write_file(stream, dest, flags)
+    return _write_file(stream, dest, flags, readback)
 
 
 def store_file(raw, dest):
@@ -244,28 +256,34 @@ def store_file(raw, dest):
     os.replace(tmp, dest)
 
 
-def _write_file(stream, path, flags):
+def _write_file(stream, path, flags, readback=None):
     """Copy ``stream`` into ``path`` (written back as it goes), then fsync it."""
     fd = os.open(path, flags, 0o644)
+    written = [0]
+
+    def sync():
+        os.fdatasync(fd)
+
     try:
-        with Flusher(lambda: os.fdatasync(fd)):
-            size = _copy_to_fd(stream, fd)
+        with Flusher(functools.partial(readback.sync_and_read, sync, lambda: written[0])
+                     if readback else sync):
+            _copy_to_fd(stream, fd, written)
         os.fsync(fd)
     finally:
         os.close(fd)
-    return size
+    return written[0]
 
 
-def _copy_to_fd(stream, fd):
-    size = 0
+def _copy_to_fd(stream, fd, written):
+    """Copy ``stream`` to ``fd``, counting the bytes in ``written[0]``."""
     while True:
         data = stream.read(1 << 20)
         if not data:
-            return size
-        size += len(data)
+            return
         view = memoryview(data)
         while view:
             view = view[os.write(fd, view):]
+        written[0] += len(data)
 
 
 class Flusher:

@@ -19,6 +19,7 @@ sent to the nodes with ``sinks.py`` and ``agent.py``.
 
 import os
 import stat
+import threading
 
 READ = 1 << 20
 
@@ -68,27 +69,128 @@ def read_back(path, limit=None):
     return digest.hexdigest()
 
 
+class BlockReadBack:
+    """The SHA-256 of the bytes written to ``path``, read back while the writing goes on.
+
+    As ``TreeReadBack`` for a dd image: each periodic sync (``sync_and_read``) is
+    followed by reading back the bytes written before it began, in order; ``digest``
+    reads the rest once the writing has ended and synced.
+    """
+
+    def __init__(self, path):
+        import hashlib
+
+        self.path, self.sha = path, hashlib.sha256()
+        self.offset, self.failed = 0, False
+
+    def sync_and_read(self, sync, written):
+        """Run ``sync``, then read back up to what ``written()`` said before it."""
+        upto = written()
+        sync()
+        if not self.failed:
+            try:
+                self._read(upto)
+            except OSError:
+                self.failed = True
+
+    def _read(self, upto):
+        fd = os.open(self.path, os.O_RDONLY | os.O_NOFOLLOW)
+        try:
+            if hasattr(os, "posix_fadvise"):
+                os.posix_fadvise(fd, self.offset, upto - self.offset, os.POSIX_FADV_DONTNEED)
+            while self.offset < upto:
+                data = os.pread(fd, min(READ, upto - self.offset), self.offset)
+                if not data:
+                    raise OSError(f"{self.path}: {upto - self.offset} bytes short of what was "
+                                  "written")
+                self.sha.update(data)
+                self.offset += len(data)
+        finally:
+            os.close(fd)
+
+    def digest(self, size):
+        """Read back what is left of the ``size`` bytes written; their SHA-256."""
+        self.failed = False
+        self._read(size)
+        return self.sha.hexdigest()
+
+
 def observed_tree(root, names):
     """The tree digest of what is found under ``root`` at each of ``names``."""
-    lines = {}
+    readback = TreeReadBack(root)
     for name in names:
-        if name == ".":
-            continue
-        path = os.path.join(root, name)
+        readback.extracted(name)
+    return readback.digest()
+
+
+class TreeReadBack:
+    """The tree digest of an extraction, read back while it goes on.
+
+    The sink says which names are completely extracted (``extracted``); its periodic
+    sync (``sync_and_read``) reads back, once the disk has them, those extracted before
+    the sync began: the reading overlaps the stream instead of following it, and only
+    the last second's names are left to ``digest``. A name extracted again later is
+    read again then (the later line wins). A read that fails leaves its names to
+    ``digest``, which raises the error.
+    """
+
+    def __init__(self, root):
+        self.root = root
+        self.lines, self.pending = {}, []
+        self.lock = threading.Lock()
+        self.failed = False
+
+    def extracted(self, name):
+        if name != ".":
+            with self.lock:
+                self.pending.append(name)
+
+    def sync_and_read(self, sync):
+        """Run ``sync`` (the disk gets what was written), then read back what it covered."""
+        with self.lock:
+            ready, self.pending = self.pending, []
         try:
-            mode = os.lstat(path).st_mode
-        except FileNotFoundError:
-            lines[name] = _line(name, "missing")
-            continue
-        if stat.S_ISREG(mode):
-            lines[name] = _line(name, "f", read_back(path))
-        elif stat.S_ISLNK(mode):
-            lines[name] = _line(name, "l", os.readlink(path))
-        elif stat.S_ISDIR(mode):
-            lines[name] = _line(name, "d")
-        else:
-            lines[name] = _line(name, _special(mode, os.lstat(path).st_rdev))
-    return tree_digest(lines)
+            sync()
+        except OSError:
+            self._requeue(ready)
+            raise
+        if self.failed:
+            self._requeue(ready)
+            return
+        try:
+            for index, name in enumerate(ready):
+                self.lines[name] = _observe(self.root, name)
+        except OSError:
+            self.failed = True
+            self._requeue(ready[index:])
+
+    def _requeue(self, names):
+        with self.lock:
+            self.pending[:0] = names
+
+    def digest(self):
+        """Read back what is left (the extraction has ended and synced); the tree digest."""
+        with self.lock:
+            ready, self.pending = self.pending, []
+        for name in ready:
+            self.lines[name] = _observe(self.root, name)
+        return tree_digest(self.lines)
+
+
+def _observe(root, name):
+    """The line of what is found at ``name`` under ``root``."""
+    path = os.path.join(root, name)
+    try:
+        mode = os.lstat(path).st_mode
+    except FileNotFoundError:
+        return _line(name, "missing")
+    if stat.S_ISREG(mode):
+        return _line(name, "f", read_back(path))
+    if stat.S_ISLNK(mode):
+        return _line(name, "l", os.readlink(path))
+    if stat.S_ISDIR(mode):
+        return _line(name, "d")
+    return _line(name, _special(mode, os.lstat(path).st_rdev))
 
 
 def _special(mode, rdev):
