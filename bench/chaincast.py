@@ -318,13 +318,26 @@ def _rows(tier, n, rate, bitrate, usage, ideal):
 
 
 def _attempt(method, measure, kind=None):
-    """A row: ``measure()``'s (T, note), or T None and the reason it failed."""
+    """A row: ``measure()``'s (T, note), or T None and the reason it failed; with the
+    machine's busy CPU during the run (every process: nodes, kernel, this one)."""
+    before = _busy_cpu()
     try:
         t, note = measure()
     except Exception as exc:  # noqa: BLE001 -- a method that fails is a row, not the end
         t, note = None, f"failed: {type(exc).__name__}: {exc}"
+    cpu = _busy_cpu() - before
+    if t:
+        note = f"machine CPU {cpu:.1f} s ({100 * cpu / (t * os.cpu_count()):.0f} % of " \
+               f"{os.cpu_count()} CPUs); " + note
     print(f"   {method:<30} {'failed' if t is None else f'{t:6.1f} s'}   {note}", flush=True)
-    return {"method": method, "kind": kind, "t": t, "note": note}
+    return {"method": method, "kind": kind, "t": t, "note": note, "cpu": cpu}
+
+
+def _busy_cpu():
+    """CPU seconds this machine has been busy (user, nice, system, irq, softirq, steal)."""
+    with open("/proc/stat") as stat:
+        fields = [int(x) for x in stat.readline().split()[1:9]]
+    return (sum(fields[:3]) + sum(fields[5:8])) / os.sysconf("SC_CLK_TCK")
 
 
 def _floor(tier, n):

@@ -9,7 +9,12 @@ import json
 import re
 
 import pytest
-from chaincast_support import netns_instance, padded_tar_zst, remote_tree_digest_command, tree_digest
+from chaincast_support import (
+    netns_instance,
+    padded_tar_zst,
+    remote_tree_digest_command,
+    tree_digest,
+)
 from deploy_support import on_frontend
 
 pytestmark = pytest.mark.testbed
@@ -61,7 +66,7 @@ def test_agents_start_agents_and_every_node_gets_the_tree(bed, image):
 def test_the_children_of_a_dead_launcher_are_started_from_the_frontend(bed, image):
     """node-2 is off: KO with the reason; node-5 and node-6, its launch children, are
     started by the frontend and get the image."""
-    root, path = image
+    _, path = image
     bed.power("node-2", "off")
     try:
         out, stderr = chaincast(bed, path, "/tmp/tree2")

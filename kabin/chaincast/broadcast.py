@@ -159,15 +159,13 @@ class Broadcast:
                 self.options, method=order.pick_method(self.image.size, len(wanted)))
         self.started = time.monotonic()
         self.deadline = Deadline(self.options.timeout)
-        self.digest = SourceDigest(self.image.path, self.halt, self.image.sha256)
-        if self.options.verify == "written":
-            self.written = self.digest if self.store else WrittenDigest(self.image, self.halt)
         try:
             if self.options.method == "bittorrent":
                 self.engine = self._swarm([record["node"] for record in wanted])
             yield from self._start(wanted)
             ready = [name for name, n in self.nodes.items() if _ready(n)]
             if ready:
+                self._digests()
                 self._wire(ready)
                 yield from self._watch()
         finally:
@@ -178,7 +176,7 @@ class Broadcast:
         for record in wanted:
             name = record["node"]
             try:
-                self.nodes[name] = node = _Node(record, self.address_of(name))
+                self.nodes[name] = _Node(record, self.address_of(name))
             except KabinError as exc:  # e.g. a node the configuration does not know
                 self.nodes[name] = _Node(record, None)
                 yield from self._fail(name, str(exc))
@@ -199,6 +197,13 @@ class Broadcast:
                 waiting.discard(name)
         for name in waiting:
             yield from self._fail(name, f"relay agent not ready after {self.options.start_timeout:.0f} s")
+
+    def _digests(self):
+        """What the nodes' digests must be, computed in the background during the stream
+        (not during the agents' start: it would hold the GIL their SSH handshakes need)."""
+        self.digest = SourceDigest(self.image.path, self.halt, self.image.sha256)
+        if self.options.verify == "written":
+            self.written = self.digest if self.store else WrittenDigest(self.image, self.halt)
 
     def _launch_fanout(self, names):
         """The fanout of a tree launch, or None when the frontend starts every agent."""

@@ -20,6 +20,7 @@ import shlex
 import subprocess
 import sys
 import threading
+import zlib
 from pathlib import Path
 
 from ..errors import KabinError
@@ -29,8 +30,10 @@ log = logging.getLogger(__name__)
 
 # The bootstrap reads, from stdin, the agent compiled by the sender's python (run when
 # the node's python has the same bytecode: compiling costs a node more than starting
-# python), the agent's source (for any other python) and the job.
-BOOTSTRAP = """import marshal,os,sys
+# python), the agent's source (for any other python), both zlib-compressed (a third of
+# the bytes for the sender's SSH to encrypt), and the job. The agent gets the program
+# as it came (KABIN_PROGRAM), to start others (spawn).
+BOOTSTRAP = """import marshal,os,sys,zlib
 def r(n):
  b=b""
  while len(b)<n:
@@ -39,7 +42,7 @@ def r(n):
   b+=c
  return b
 c,s,j=r(%d),r(%d),r(%d)
-exec(marshal.loads(c) if sys.implementation.cache_tag==%r else compile(s,"kabin-chaincast-agent","exec"),{"__name__":"__main__","KABIN_JOB":marshal.loads(j),"KABIN_PROGRAM":(c,s)})
+exec(marshal.loads(zlib.decompress(c)) if sys.implementation.cache_tag==%r else compile(zlib.decompress(s),"kabin-chaincast-agent","exec"),{"__name__":"__main__","KABIN_JOB":marshal.loads(j),"KABIN_PROGRAM":(c,s)})
 """
 EXIT_WAIT = 5.0  # how long to wait for an exit status once the output has ended
 
@@ -55,8 +58,10 @@ def agent_source():
 
 @functools.lru_cache(maxsize=1)
 def _program():
+    """(code, source) as the bootstrap reads them: compressed."""
     source = agent_source()
-    return marshal.dumps(compile(source, "kabin-chaincast-agent", "exec")), source
+    code = marshal.dumps(compile(source, "kabin-chaincast-agent", "exec"))
+    return zlib.compress(code), zlib.compress(source)
 
 
 def bootstrap_template():
@@ -72,11 +77,6 @@ def agent_start(python, job):
     return [python, "-c", bootstrap, "kabin-chaincast-agent"], code + source + packed
 
 
-def program():
-    """(code, source) of the agent, as an agent passes them on (see ``spawn``)."""
-    return _program()
-
-
 class Launcher:
     """What every launcher does: start each node's agent, each start ending with a
     ``started`` event (the handle, or the error) on the broadcast's queue."""
@@ -89,7 +89,6 @@ class Launcher:
             executor.submit(lambda name=name, address=address: self.start(
                 name, job_of(name, address), events, timeout),
                 on_done=lambda handle, exc, name=name: events.put((name, started(handle, exc))))
-        return None
 
 
 def started(handle, error):
@@ -100,8 +99,8 @@ def started(handle, error):
 class AgentHandle:
     """One running agent: commands in, events out on the shared queue."""
 
-    def __init__(self, node, events):
-        self.node, self.events = node, events
+    def __init__(self, node, events, pool=None):
+        self.node, self.events, self.pool = node, events, pool   # pool: kill() over SSH
         self.pid = None
         self.intercept = None           # intercept(event): True if it took the event
         self._lock = threading.Lock()
@@ -141,7 +140,7 @@ class AgentHandle:
 
     def kill(self):
         """Kill a stalled agent (best effort, in the background, over SSH)."""
-        if self.pid and getattr(self, "pool", None) is not None:
+        if self.pid and self.pool is not None:
             threading.Thread(target=self._kill, daemon=True).start()
 
     def _kill(self):
@@ -206,8 +205,8 @@ class LocalLauncher(Launcher):
 
 class _SshHandle(AgentHandle):
     def __init__(self, node, events, channel, pool):
-        super().__init__(node, events)
-        self.channel, self.pool = channel, pool
+        super().__init__(node, events, pool)
+        self.channel = channel
 
     def _write(self, data):
         self.channel.sendall(data)

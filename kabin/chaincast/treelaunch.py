@@ -22,7 +22,7 @@ import threading
 
 from ..errors import KabinError
 from . import order
-from .launch import AgentHandle, bootstrap_template, program, started
+from .launch import AgentHandle, bootstrap_template, started
 from .links import HANDSHAKE_TIMEOUT, read_line, shutdown
 from .multicast import route_towards
 from .spawn import CONTROL_MAGIC
@@ -177,8 +177,8 @@ class _ControlHandle(AgentHandle):
     """An agent reporting over its control connection to the frontend."""
 
     def __init__(self, node, events, conn, pool):
-        super().__init__(node, events)
-        self.conn, self.pool = conn, pool
+        super().__init__(node, events, pool)
+        self.conn = conn
 
     def _write(self, data):
         self.conn.sendall(data)
