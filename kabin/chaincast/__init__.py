@@ -13,8 +13,10 @@ stalls is routed around without stopping the others.
         ...
 
 Modules: ``agent`` (the relay), ``sender`` (the source), ``launch`` (starting
-agents), ``order`` (topology order, layouts, method choice), ``topology``
-(repairs, stalled-node detection), ``broadcast`` (the coordinator), ``image``.
+agents; ``treelaunch`` and ``spawn``: agents starting agents), ``order`` (topology
+order, layouts, method choice), ``topology`` (repairs, stalled-node detection),
+``broadcast`` (the coordinator), ``image``, ``sinks`` and ``written`` (writing and
+reading back on the nodes), ``multicast``, ``bittorrent`` and ``receivers``.
 """
 
 from .. import records

@@ -549,7 +549,8 @@ def run(stdin, stdout, job=None, program=None):
             control = connect_control(job["control"], job["token"], job["name"])
         except OSError as exc:
             sys.exit(f"kabin chaincast agent: cannot reach the frontend: {reason(exc)}")
-        stdin, stdout = control.makefile("r", encoding="utf-8"), control.makefile("w", encoding="utf-8")
+        stdin = control.makefile("r", encoding="utf-8")
+        stdout = control.makefile("w", encoding="utf-8")
     try:
         agent = Agent(job, stdout)
     except OSError as exc:

@@ -219,13 +219,12 @@ class Broadcast:
     def _job(self, name, address):
         """What ``name``'s agent is told when it starts."""
         bind = _resolve(address)
-        return {"name": name, "token": self.token, "size": self.image.size, "kind": self.image.kind,
-               "compression": self.image.compression, "store": self.store,
-               "dest": self.dest_of(name), "ports": list(self.ports), "bind": bind,
-               "ring": self.options.ring, "interval": self.options.interval,
-               "verify": self.options.verify, "multicast": self._multicast_job(bind or address),
-               "bittorrent": self._bittorrent_job(),
-               "deadline": self._lifetime()}
+        return {"name": name, "token": self.token, "size": self.image.size,
+                "kind": self.image.kind, "compression": self.image.compression,
+                "store": self.store, "dest": self.dest_of(name), "ports": list(self.ports),
+                "bind": bind, "ring": self.options.ring, "interval": self.options.interval,
+                "verify": self.options.verify, "multicast": self._multicast_job(bind or address),
+                "bittorrent": self._bittorrent_job(), "deadline": self._lifetime()}
 
     def _multicast_job(self, interface):
         """What a node's receiver needs (None with the other methods): it gives up when no
