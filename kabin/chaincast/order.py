@@ -69,9 +69,11 @@ def pick_method(size, count, fanout=TREE_FANOUT):
     """``chain`` for images, ``tree`` for small files, from the costs of both.
 
     Multicast and bittorrent are never picked: in ``bench/chaincast.py`` (netns,
-    128 MB) the chain was ahead of both at 2, 8 and 16 nodes (by 1.2 to 1.8 x), and
-    multicast ahead by 5 % only at 32, where 2 CPUs running 32 nodes set the pace,
-    not the network; they are there for networks and churn the chain does not suit.
+    128 MB tar.zst) the chain was ahead of both at every N: T / floor 1.02, 1.05, 1.07
+    at 2, 8, 16 nodes (100 Mbit/s) against 1.27, 1.27, 1.49 (multicast) and 1.24,
+    1.52, 2.04 (bittorrent); at 32 nodes (40 Mbit/s, 2 CPUs running them all) 34.7 s
+    against 36.0 s and a failed run. They are there for networks and churn the chain
+    does not suit.
 
     A pipelined chain takes about (S + (N-1) h) / B, a pipelined tree about
     (f S + d h) / B, with h = HOP_COST and d = log_f(N) levels. The chain wins
