@@ -124,3 +124,25 @@ def test_partition_sh_builds_the_configured_table(tmp_path, label, types):
     assert [p["type"].upper() if label == "gpt" else p["type"] for p in parts] == types
     sizes = [p["size"] * 512 // 2**20 for p in parts]
     assert sizes[:3] == [32, 64, 256] and sizes[3] > 150      # the last takes the rest
+
+
+@needs_host
+def test_the_initramfs_python_has_every_module_the_agent_imports():
+    """The chaincast agent (sent as one script) imports nothing the deployment
+    environment's python lacks: a module missing there fails every broadcast."""
+    import ast
+    import sys
+
+    from kabin.chaincast.launch import agent_source
+
+    imported = set()
+    for node in ast.walk(ast.parse(agent_source())):
+        if isinstance(node, ast.Import):
+            imported |= {alias.name.split(".")[0] for alias in node.names}
+        elif isinstance(node, ast.ImportFrom) and node.level == 0:
+            imported.add(node.module.split(".")[0])
+    script = (f"import sys, {deployenv.PYTHON_IMPORTS}\n"
+              "print(' '.join(sorted(set(m.split('.')[0] for m in sys.modules))))")
+    present = set(subprocess.run([str(deployenv.PYTHON), "-c", script], capture_output=True,
+                                 text=True, check=True).stdout.split())
+    assert imported - present - set(sys.builtin_module_names) == set()

@@ -12,12 +12,8 @@ reason, is reported (``launch-ended``): the frontend starts that child itself if
 it has not connected back.
 """
 
-import marshal
 import os
-import shlex
 import socket
-import subprocess
-import tempfile
 import threading
 
 CONTROL_MAGIC = b"KBCT1"
@@ -35,6 +31,8 @@ def connect_control(address, token, name):
 
 def launch_children(job, program, emit):
     """Start the agent of each of ``job``'s launch children (each in a thread)."""
+    import tempfile  # here, not at the top: only a tree launch needs it
+
     children = job.get("launch") or []
     if not children:
         return
@@ -52,6 +50,10 @@ def launch_children(job, program, emit):
 
 def _launch(child, ssh, options, program, emit):
     """One child: ssh to it, send it the program and its job, report when ssh ends."""
+    import marshal
+    import shlex
+    import subprocess
+
     code, source = program
     packed = marshal.dumps(child["job"])
     bootstrap = ssh["bootstrap"] % (len(code), len(source), len(packed))

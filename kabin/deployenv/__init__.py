@@ -61,7 +61,7 @@ DATA = ("/etc/mke2fs.conf",)
 # what the chaincast agent and its sinks import on the node
 PYTHON_IMPORTS = ("json, socket, selectors, threading, marshal, mmap, struct, hashlib, "
                   "tarfile, gzip, bz2, lzma, zstandard, ctypes, resource, subprocess, "
-                  "select, signal, errno, stat, functools, io, time, base64")
+                  "select, signal, errno, stat, functools, io, time, base64, shlex, tempfile")
 
 # the parts of an init both the deployment environment and the test systems run
 NETWORK_UP = """ip link set lo up
