@@ -51,7 +51,7 @@ try:  # in the package; on a node, sinks.py and written.py come first in the sam
     )
     from .written import BlockReadBack, TreeReadBack, read_back
     from .receivers import receive_bittorrent, receive_multicast
-    from .spawn import connect_control, launch_children
+    from .spawn import launch_children
     from .links import (
         HANDSHAKE_TIMEOUT,
         IO_TICK,
@@ -59,6 +59,7 @@ try:  # in the package; on a node, sinks.py and written.py come first in the sam
         OFFSET,
         SOCKET_BUFFER,
         connect_child,
+        connect_control,
         read_exact,
         read_line,
         reason,

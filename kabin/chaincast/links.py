@@ -11,6 +11,7 @@ import struct
 import sys
 
 MAGIC = b"KBCC1"
+CONTROL_MAGIC = b"KBCT1"    # a tree-launched agent reporting to the frontend (treelaunch)
 OFFSET = struct.Struct(">Q")
 HANDSHAKE_TIMEOUT = 10.0
 SOCKET_BUFFER = 4 << 20     # kernel buffer of each data link, each way
@@ -26,8 +27,22 @@ def connect_child(address, port, token, name):
     sock.settimeout(HANDSHAKE_TIMEOUT)
     sock.connect((address, port))
     sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-    sock.sendall(b" ".join([MAGIC, token.encode(), name.encode()]) + b"\n")
+    _greet(sock, MAGIC, token, name)
     return sock
+
+
+def connect_control(address, token, name):
+    """The connection to the frontend that carries a tree-launched agent's commands and
+    events (``address``: the job's ``control``)."""
+    sock = socket.create_connection(tuple(address), HANDSHAKE_TIMEOUT)
+    sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+    _greet(sock, CONTROL_MAGIC, token, name)
+    sock.settimeout(None)
+    return sock
+
+
+def _greet(sock, magic, token, name):
+    sock.sendall(b" ".join([magic, token.encode(), name.encode()]) + b"\n")
 
 
 def read_line(sock, limit):

@@ -1,11 +1,11 @@
 """Tree launch, the node's side: agents start agents, and all report to the frontend.
 
 Standard library only (3.7+): sent to the nodes ahead of ``agent.py`` (see
-``launch.agent_source``). With a tree launch (``launch.TreeStart``) the frontend
+``launch.agent_source``). With a tree launch (``treelaunch.TreeStart``) the frontend
 starts a few agents itself; each starts the agents of its launch children with
 OpenSSH's client, authenticated by the agent its own session forwards (the
 frontend's key, lent, never copied), and passes on the program it was started
-with. Every agent then connects back to the frontend (``connect_control``): its
+with. Every agent then connects back to the frontend (``links.connect_control``): its
 commands and events go over that connection, not its SSH session, so an agent
 lives on when the node that started it dies. An ssh that ends, for whatever
 reason, is reported (``launch-ended``): the frontend starts that child itself if
@@ -13,20 +13,7 @@ it has not connected back.
 """
 
 import os
-import socket
 import threading
-
-CONTROL_MAGIC = b"KBCT1"
-CONTROL_TIMEOUT = 10.0
-
-
-def connect_control(address, token, name):
-    """The connection to the frontend that carries this agent's commands and events."""
-    sock = socket.create_connection(tuple(address), CONTROL_TIMEOUT)
-    sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-    sock.sendall(b" ".join([CONTROL_MAGIC, token.encode(), name.encode()]) + b"\n")
-    sock.settimeout(None)
-    return sock
 
 
 def launch_children(job, program, emit):

@@ -23,9 +23,8 @@ import threading
 from ..errors import KabinError
 from . import order
 from .launch import AgentHandle, bootstrap_template, started
-from .links import HANDSHAKE_TIMEOUT, read_line, shutdown
+from .links import CONTROL_MAGIC, HANDSHAKE_TIMEOUT, read_line, shutdown
 from .multicast import route_towards
-from .spawn import CONTROL_MAGIC
 
 log = logging.getLogger(__name__)
 
