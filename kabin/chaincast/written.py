@@ -48,25 +48,7 @@ def _line(name, kind, detail=""):
 
 def read_back(path, limit=None):
     """SHA-256 of ``path`` (its first ``limit`` bytes) as the disk gives it back, not the cache."""
-    import hashlib
-
-    digest, left = hashlib.sha256(), limit
-    fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW)
-    try:
-        if hasattr(os, "posix_fadvise"):
-            os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
-        while left is None or left > 0:
-            data = os.read(fd, READ if left is None else min(READ, left))
-            if not data:
-                break
-            digest.update(data)
-            if left is not None:
-                left -= len(data)
-    finally:
-        os.close(fd)
-    if left:
-        raise OSError(f"{path}: {left} bytes short of what was written")
-    return digest.hexdigest()
+    return BlockReadBack(path).digest(limit)
 
 
 class BlockReadBack:
@@ -94,12 +76,17 @@ class BlockReadBack:
                 self.failed = True
 
     def _read(self, upto):
+        """Read back from ``offset`` to ``upto`` (None: to the end of the file)."""
         fd = os.open(self.path, os.O_RDONLY | os.O_NOFOLLOW)
         try:
-            if hasattr(os, "posix_fadvise"):
-                os.posix_fadvise(fd, self.offset, upto - self.offset, os.POSIX_FADV_DONTNEED)
-            while self.offset < upto:
-                data = os.pread(fd, min(READ, upto - self.offset), self.offset)
+            if hasattr(os, "posix_fadvise"):   # length 0: to the end
+                os.posix_fadvise(fd, self.offset, 0 if upto is None else upto - self.offset,
+                                 os.POSIX_FADV_DONTNEED)
+            while upto is None or self.offset < upto:
+                want = READ if upto is None else min(READ, upto - self.offset)
+                data = os.pread(fd, want, self.offset)
+                if not data and upto is None:
+                    break
                 if not data:
                     raise OSError(f"{self.path}: {upto - self.offset} bytes short of what was "
                                   "written")
@@ -108,8 +95,9 @@ class BlockReadBack:
         finally:
             os.close(fd)
 
-    def digest(self, size):
-        """Read back what is left of the ``size`` bytes written; their SHA-256."""
+    def digest(self, size=None):
+        """Read back what is left of the ``size`` bytes written (None: to the end of the
+        file); their SHA-256."""
         self.failed = False
         self._read(size)
         return self.sha.hexdigest()
